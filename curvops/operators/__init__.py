@@ -1,0 +1,16 @@
+"""Lazy operators: the protocol, the algebra, helpers and the curvature matrices."""
+
+from .algebra import as_operator, block_diag, func_operator, restrict, tag
+from .base import Operator, ParamLayout
+from .checks import DeterminismReport, check_deterministic
+from .dense import Dense, Diagonal, Identity, LowRank
+from .fisher import EmpiricalFisher, Fisher
+from .ggn import GGN
+from .hessian import Hessian
+from .tags import PSD, SYMMETRIC
+
+__all__ = [
+    "Operator", "ParamLayout", "as_operator", "block_diag", "func_operator", "restrict", "tag",
+    "Dense", "Diagonal", "Identity", "LowRank", "Hessian", "GGN", "Fisher", "EmpiricalFisher",
+    "check_deterministic", "DeterminismReport", "PSD", "SYMMETRIC",
+]

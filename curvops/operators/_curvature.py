@@ -1,0 +1,112 @@
+"""Shared machinery of the P×P curvature operators of an :class:`~curvops.Objective`.
+
+A product with K columns is one pass over the data: the batch loop is outside, and
+inside each batch the columns are processed in chunks of at most ``max_columns``
+(vmapped / batched autograd), so memory stays O(max_columns · P + one batch).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..objective import Batch, Objective
+from . import tags as _tags
+from .base import Operator
+
+
+def make_objective(model_or_objective, loss=None, data=None, **kwargs) -> Objective:
+    if isinstance(model_or_objective, Objective):
+        if loss is not None or data is not None or kwargs:
+            raise TypeError("pass either an Objective or (model, loss, data, ...), not both.")
+        return model_or_objective
+    if loss is None or data is None:
+        raise TypeError("expected (model, loss, data) or an Objective.")
+    return Objective(model_or_objective, loss, data, **kwargs)
+
+
+def split_columns(objective: Objective, V: Tensor) -> list[Tensor]:
+    """Flat block [P, K] → per-parameter tensors [K, *shape]."""
+    K = V.shape[1]
+    parts = torch.split(V, list(objective.layout.numels), dim=0)
+    return [p.T.reshape(K, *s) for p, s in zip(parts, objective.layout.shapes)]
+
+
+def join_columns(parts: Sequence[Tensor], K: int) -> Tensor:
+    """Per-parameter tensors [K, *shape] → flat block [P, K]."""
+    return torch.cat([p.reshape(K, -1) for p in parts], dim=1).T
+
+
+def zeros_for_none(grads: Sequence[Tensor | None], like: Sequence[Tensor], K: int | None = None):
+    out = []
+    for g, t in zip(grads, like):
+        if g is None:
+            shape = t.shape if K is None else (K, *t.shape)
+            g = torch.zeros(shape, dtype=t.dtype, device=t.device)
+        out.append(g)
+    return out
+
+
+class CurvatureOperator(Operator):
+    """Base class: a symmetric P×P operator of an objective, normalized like the loss.
+
+    Subclasses implement ``_batch_matmat(batch, Vs) -> list[[K, *shape]]`` for the
+    curvature of the batch loss ℓ_b (as the user's reduction defines it); the base
+    class loops over batches, chunks columns and applies the whole-data normalization.
+    """
+
+    def __init__(self, objective: Objective, tags=(_tags.SYMMETRIC,), *, max_columns: int = 64):
+        P = objective.num_params
+        super().__init__((P, P), objective.dtype, objective.device, tags=tags,
+                         domain=objective.layout, range=objective.layout)
+        if not isinstance(max_columns, int) or max_columns < 1:
+            raise ValueError(f"{type(self).__name__}: max_columns must be a positive integer, got {max_columns!r}.")
+        self.objective = objective
+        self.max_columns = max_columns
+        #: which kernel ran in the last product (for diagnostics and benchmarks)
+        self.last_path: str | None = None
+
+    def _batch_matmat(self, batch: Batch, Vs: list[Tensor]) -> list[Tensor]:
+        raise NotImplementedError
+
+    def _matmat_torch(self, V: Tensor) -> Tensor:
+        obj = self.objective
+        K = V.shape[1]
+        chunks = [split_columns(obj, V[:, s:s + self.max_columns]) for s in range(0, K, self.max_columns)]
+
+        def per_batch(batch: Batch) -> Tensor:
+            outs = [join_columns(self._batch_matmat(batch, Vs), Vs[0].shape[0]) for Vs in chunks]
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+        with obj.session():
+            return obj.accumulate(per_batch)
+
+
+def output_space(objective: Objective, batch: Batch, theta: Sequence[Tensor], Vs: list[Tensor],
+                 apply_M: Callable[[Tensor, Tensor], Tensor], path: list[str]) -> list[Tensor]:
+    """Jᵀ M J for a block of columns on one batch (J = ∂f/∂θ of the batch outputs).
+
+    ``apply_M(out, JV [K, *out.shape]) -> [K, *out.shape]`` applies the output-space matrix.
+    Cost: one forward for the VJP, one forward-mode pass per column (vmapped), one VJP per column.
+    """
+    from torch.func import jvp, vjp, vmap
+
+    def f(*th):
+        return objective.forward(th, batch.x)
+
+    K = Vs[0].shape[0]
+    out, vjp_fn = vjp(f, *theta)
+    if K == 1:
+        _, JV = jvp(f, tuple(theta), tuple(v[0] for v in Vs))
+        JV = JV[None]
+    else:
+        JV = vmap(lambda *v: jvp(f, tuple(theta), v)[1])(*Vs)
+    MJV = apply_M(out.detach(), JV)
+    if K == 1:
+        res = [r[None] for r in vjp_fn(MJV[0])]
+    else:
+        res = list(vmap(vjp_fn)(MJV))
+    path.append("forward-mode J, reverse-mode Jᵀ (torch.func)")
+    return res

@@ -1,0 +1,273 @@
+r"""The operator protocol: a lazy real matrix that is both a scipy and a torch object.
+
+An :class:`Operator` *is* a :class:`scipy.sparse.linalg.LinearOperator` (numpy in,
+numpy out) and also multiplies torch tensors on its own device with no host copy,
+and parameter dicts ``{name: tensor}`` when its domain is a parameter space.
+
+Subclasses set ``shape``, ``torch_dtype``, ``device`` and ``tags`` through
+``Operator.__init__`` and implement ``_matmat_torch(V: [N, K]) -> [M, K]`` and,
+unless symmetric, ``_rmatmat_torch(W: [M, K]) -> [N, K]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import scipy.sparse.linalg as spla
+import torch
+from torch import Tensor
+
+from ..layout import ParamLayout
+from . import tags as _tags
+
+#: default refusal threshold of :meth:`Operator.to_dense` (entries).
+MAX_DENSE_ENTRIES = 2**26
+
+
+class Operator(spla.LinearOperator):
+    r"""Lazy real matrix $A \in \mathbb{R}^{M \times N}$ defined by its products.
+
+    Args (for subclasses):
+        shape: ``(M, N)``.
+        torch_dtype: floating dtype of the products.
+        device: device where products run; torch inputs must live there.
+        tags: structural promises (``"symmetric"``, ``"psd"``).
+        domain / range: optional :class:`ParamLayout` when a side is a parameter space
+            (enables dict inputs and outputs).
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        torch_dtype: torch.dtype,
+        device: torch.device | str,
+        tags: Iterable[str] = (),
+        domain: ParamLayout | None = None,
+        range: ParamLayout | None = None,  # noqa: A002 - the matrix's range
+    ):
+        if not torch_dtype.is_floating_point:
+            raise TypeError(f"{type(self).__name__}: expected a floating torch dtype, got {torch_dtype}.")
+        np_dtype = torch.empty((), dtype=torch_dtype).numpy().dtype if torch_dtype != torch.bfloat16 else np.float32
+        super().__init__(dtype=np_dtype, shape=(int(shape[0]), int(shape[1])))
+        self.torch_dtype = torch_dtype
+        self.device = torch.device(device)
+        self.tags = _tags.normalize(tags)
+        if self.tags and self.shape[0] != self.shape[1]:
+            raise ValueError(f"{type(self).__name__}: tags {sorted(self.tags)} need a square operator, got shape {self.shape}.")
+        if domain is not None and domain.size != self.shape[1]:
+            raise ValueError(f"{type(self).__name__}: domain layout has {domain.size} entries, shape has {self.shape[1]} columns.")
+        if range is not None and range.size != self.shape[0]:
+            raise ValueError(f"{type(self).__name__}: range layout has {range.size} entries, shape has {self.shape[0]} rows.")
+        self.domain = domain
+        self.range = range
+
+    # ---- what subclasses implement -------------------------------------------------
+    def _matmat_torch(self, V: Tensor) -> Tensor:  # [N, K] -> [M, K]
+        raise NotImplementedError(f"{type(self).__name__} does not implement _matmat_torch.")
+
+    def _rmatmat_torch(self, W: Tensor) -> Tensor:  # [M, K] -> [N, K]
+        if self.is_symmetric:
+            return self._matmat_torch(W)
+        raise NotImplementedError(
+            f"{type(self).__name__}: the adjoint product is not implemented for this operator."
+        )
+
+    # ---- tags ----------------------------------------------------------------------
+    @property
+    def is_symmetric(self) -> bool:
+        return _tags.SYMMETRIC in self.tags
+
+    @property
+    def is_psd(self) -> bool:
+        return _tags.PSD in self.tags
+
+    # ---- torch entry points ----------------------------------------------------------
+    def _check_torch(self, V: Tensor, n: int, api: str) -> None:
+        if V.dim() not in (1, 2):
+            raise ValueError(f"{api}: expected a vector [{n}] or a block [{n}, K], got shape {tuple(V.shape)}.")
+        if V.shape[0] != n:
+            what = " (parameters)" if (self.domain if n == self.shape[1] else self.range) is not None else ""
+            raise ValueError(
+                f"{api}: expected a vector of length {n}{what}, got shape {tuple(V.shape)}."
+            )
+        if V.dtype != self.torch_dtype:
+            raise TypeError(
+                f"{api}: expected dtype {self.torch_dtype}, got {V.dtype}. Convert with v.to({self.torch_dtype})."
+            )
+        if V.device != self.device:
+            raise ValueError(
+                f"{api}: expected a tensor on {self.device}, got one on {V.device}. Move it with v.to('{self.device}')."
+            )
+
+    def matmat_torch(self, V: Tensor) -> Tensor:
+        """Torch product ``A @ V`` for ``V`` of shape [N] or [N, K]."""
+        api = f"{type(self).__name__} @ v"
+        self._check_torch(V, self.shape[1], api)
+        if V.dim() == 1:
+            return self._matmat_torch(V[:, None])[:, 0]
+        if V.shape[1] == 0:
+            return V.new_zeros(self.shape[0], 0)
+        return self._matmat_torch(V)
+
+    def rmatmat_torch(self, W: Tensor) -> Tensor:
+        """Torch adjoint product ``Aᵀ @ W`` for ``W`` of shape [M] or [M, K]."""
+        api = f"{type(self).__name__}.T @ v"
+        self._check_torch(W, self.shape[0], api)
+        if W.dim() == 1:
+            return self._rmatmat_torch(W[:, None])[:, 0]
+        return self._rmatmat_torch(W)
+
+    def _apply(self, x: Any, adjoint: bool = False):
+        """Dispatch on the input's kind: torch, dict/list of tensors, numpy."""
+        layout_in = self.range if adjoint else self.domain
+        layout_out = self.domain if adjoint else self.range
+        fn = self.rmatmat_torch if adjoint else self.matmat_torch
+        if isinstance(x, Tensor):
+            return fn(x)
+        if isinstance(x, Mapping) or (
+            isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, Tensor) for t in x)
+        ):
+            api = f"{type(self).__name__} @ params"
+            if layout_in is None:
+                raise TypeError(f"{api}: this operator's input side is not a parameter space; pass a tensor.")
+            flat = layout_in.flatten(x, api)
+            out = fn(flat)
+            if layout_out is None:
+                return out
+            return layout_out.unflatten(out, as_dict=isinstance(x, Mapping))
+        if isinstance(x, np.ndarray) or np.isscalar(x) is False and hasattr(x, "__array__"):
+            arr = np.asarray(x)
+            out = fn(torch.as_tensor(arr, dtype=self.torch_dtype, device=self.device))
+            return out.detach().cpu().numpy().astype(np.result_type(self.dtype, arr.dtype), copy=False)
+        raise TypeError(
+            f"{type(self).__name__} @ x: expected a torch.Tensor, a numpy array, a parameter dict or an Operator, "
+            f"got {type(x).__name__}."
+        )
+
+    # ---- scipy face (numpy in, numpy out) -----------------------------------------
+    def _matmat(self, X):
+        V = torch.as_tensor(np.asarray(X), dtype=self.torch_dtype, device=self.device)
+        return self.matmat_torch(V).detach().cpu().numpy()
+
+    def _matvec(self, x):
+        return self._matmat(np.asarray(x).reshape(-1, 1))
+
+    def _rmatmat(self, X):
+        V = torch.as_tensor(np.asarray(X), dtype=self.torch_dtype, device=self.device)
+        return self.rmatmat_torch(V).detach().cpu().numpy()
+
+    def _rmatvec(self, x):
+        return self._rmatmat(np.asarray(x).reshape(-1, 1))
+
+    # ---- algebra -------------------------------------------------------------------
+    def dot(self, x):
+        from . import algebra
+
+        if isinstance(x, spla.LinearOperator):
+            return algebra.product(self, algebra.as_operator(x, like=self))
+        if np.isscalar(x) or (isinstance(x, Tensor) and x.dim() == 0):
+            return algebra.scale(self, float(x))
+        return self._apply(x)
+
+    def __matmul__(self, x):
+        if np.isscalar(x):
+            raise ValueError(f"{type(self).__name__} @ x: scalar operands are not allowed, use '*' instead.")
+        return self.dot(x)
+
+    def __rmatmul__(self, x):
+        from . import algebra
+
+        if isinstance(x, spla.LinearOperator):
+            return algebra.product(algebra.as_operator(x, like=self), self)
+        return NotImplemented
+
+    def __call__(self, x):
+        return self @ x
+
+    def __mul__(self, x):
+        return self.dot(x)
+
+    def __rmul__(self, x):
+        from . import algebra
+
+        if np.isscalar(x) or (isinstance(x, Tensor) and x.dim() == 0):
+            return algebra.scale(self, float(x))
+        return NotImplemented
+
+    def __truediv__(self, c):
+        from . import algebra
+
+        if not (np.isscalar(c) or (isinstance(c, Tensor) and c.dim() == 0)):
+            raise TypeError(f"{type(self).__name__} / c: expected a scalar, got {type(c).__name__}.")
+        return algebra.scale(self, 1.0 / float(c))
+
+    def __neg__(self):
+        from . import algebra
+
+        return algebra.scale(self, -1.0)
+
+    def __add__(self, other):
+        from . import algebra
+
+        if isinstance(other, spla.LinearOperator):
+            return algebra.add(self, algebra.as_operator(other, like=self))
+        return NotImplemented
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        from . import algebra
+
+        if isinstance(other, spla.LinearOperator):
+            return algebra.add(self, algebra.scale(algebra.as_operator(other, like=self), -1.0))
+        return NotImplemented
+
+    def __pow__(self, p):
+        from . import algebra
+
+        if not isinstance(p, int) or p < 1:
+            raise ValueError(f"{type(self).__name__} ** p: expected a positive integer power, got {p!r}.")
+        return algebra.product(*([self] * p))
+
+    def _adjoint(self):
+        from . import algebra
+
+        return algebra.adjoint(self)
+
+    def _transpose(self):
+        return self._adjoint()
+
+    @property
+    def T(self):  # noqa: N802 - matrix notation
+        return self._adjoint()
+
+    @property
+    def H(self):  # noqa: N802
+        return self._adjoint()
+
+    # ---- densification -------------------------------------------------------------
+    def to_dense(self, *, max_entries: int = MAX_DENSE_ENTRIES, chunk: int = 256) -> Tensor:
+        """Materialize the matrix as a torch tensor [M, N] (N products, ``chunk`` columns at a time).
+
+        Raises:
+            ValueError: if M·N exceeds ``max_entries`` (pass a larger ``max_entries`` to force it).
+        """
+        M, N = self.shape
+        if M * N > max_entries:
+            raise ValueError(
+                f"{type(self).__name__}.to_dense: the matrix has {M}×{N} = {M * N:,} entries, "
+                f"above max_entries={max_entries:,}. Use matrix-free algorithms, or pass a larger "
+                f"max_entries if you really need it dense."
+            )
+        cols = []
+        for start in range(0, N, chunk):
+            stop = min(start + chunk, N)
+            E = torch.zeros(N, stop - start, dtype=self.torch_dtype, device=self.device)
+            E[torch.arange(start, stop), torch.arange(stop - start)] = 1
+            cols.append(self._matmat_torch(E))
+        return torch.cat(cols, dim=1) if cols else torch.zeros(M, 0, dtype=self.torch_dtype, device=self.device)
+
+    def __repr__(self) -> str:
+        tags = ",".join(sorted(self.tags)) or "-"
+        return f"<{type(self).__name__} {self.shape[0]}×{self.shape[1]} {self.torch_dtype} on {self.device} tags={tags}>"
