@@ -98,15 +98,37 @@ def output_space(objective: Objective, batch: Batch, theta: Sequence[Tensor], Vs
 
     K = Vs[0].shape[0]
     out, vjp_fn = vjp(f, *theta)
-    if K == 1:
-        _, JV = jvp(f, tuple(theta), tuple(v[0] for v in Vs))
-        JV = JV[None]
-    else:
-        JV = vmap(lambda *v: jvp(f, tuple(theta), v)[1])(*Vs)
+    try:
+        if K == 1:
+            _, JV = jvp(f, tuple(theta), tuple(v[0] for v in Vs))
+            JV = JV[None]
+        else:
+            JV = vmap(lambda *v: jvp(f, tuple(theta), v)[1])(*Vs)
+        kind = "forward-mode J"
+    except (RuntimeError, NotImplementedError):
+        # Some layers lack forward-mode formulas: J V by the double-VJP trick, reverse mode only.
+        JV = _jvp_by_double_vjp(f, theta, Vs)
+        kind = "double-VJP J"
     MJV = apply_M(out.detach(), JV)
     if K == 1:
         res = [r[None] for r in vjp_fn(MJV[0])]
     else:
         res = list(vmap(vjp_fn)(MJV))
-    path.append("forward-mode J, reverse-mode Jᵀ (torch.func)")
+    path.append(f"{kind}, reverse-mode Jᵀ (torch.func)")
     return res
+
+
+def _jvp_by_double_vjp(f, theta: Sequence[Tensor], Vs: list[Tensor]) -> Tensor:
+    """J V = ∂/∂u ⟨Jᵀu, V⟩: a VJP with a dummy cotangent u, then a VJP of that w.r.t. u."""
+    th = [t.detach().requires_grad_() for t in theta]
+    with torch.enable_grad():
+        out = f(*th)
+        u = torch.zeros_like(out, requires_grad=True)
+        g = torch.autograd.grad(out, th, u, create_graph=True, allow_unused=True)
+        pairs = [(gi, v) for gi, v in zip(g, Vs) if gi is not None and gi.requires_grad]
+        cols = []
+        for k in range(Vs[0].shape[0]):
+            (jv,) = torch.autograd.grad([p[0] for p in pairs], u, [p[1][k] for p in pairs],
+                                        retain_graph=True, allow_unused=True)
+            cols.append(torch.zeros_like(out) if jv is None else jv)
+    return torch.stack(cols).detach()

@@ -67,6 +67,11 @@ class Hessian(CurvatureOperator):
         objective = make_objective(model_or_objective, loss, data, **kwargs)
         super().__init__(objective, tags=(_tags.SYMMETRIC,), max_columns=max_columns)
         self.keep_graphs = keep_graphs
+        if keep_graphs and _shuffles(objective.data):
+            raise ValueError(
+                "Hessian(keep_graphs=True): the DataLoader shuffles, so kept per-batch graphs would not match "
+                "the batches of later passes. Use shuffle=False (the operator does not depend on the order)."
+            )
         self._cache = _GraphCache(max_graph_bytes) if keep_graphs else None
         self._batched_ok = True
 
@@ -150,6 +155,12 @@ class Hessian(CurvatureOperator):
                 cache.clear()
                 cache.versions = versions
         return super()._matmat_torch(V)
+
+
+def _shuffles(data) -> bool:
+    from torch.utils.data import DataLoader, RandomSampler
+
+    return isinstance(data, DataLoader) and isinstance(getattr(data, "sampler", None), RandomSampler)
 
 
 class _null:

@@ -1,0 +1,173 @@
+"""What the benchmarks time: one registry shared by ``run.py`` and the pytest-benchmark file.
+
+A :class:`Method` turns a workload and a probe (a vector ``[P]`` or a block ``[P, K]``, on the
+workload's device) into a zero-argument callable whose cost is what we time.  Everything that
+is set-up and not part of a product (building operators, warming caches) happens in
+``prepare``, outside the timer.  Each callable returns its result as a flat tensor, so the
+same probe through curvops, curvlinops and PyHessian can be compared entry by entry.
+
+Every library gets the same model, loss module (``reduction="mean"``) and list of batches, and
+all of them define the operator over the whole data set with weights ``n_b / N`` per batch,
+so their products are the same matrix times the same vector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+import curvops
+from workloads import Workload
+
+#: number of columns of the block rows
+BLOCK = 16
+
+
+@dataclass
+class Prepared:
+    """A ready-to-time product and, after it ran, anything worth reporting about it."""
+
+    run: Callable[[], object]
+    info: Callable[[], dict] = dict
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str
+    label: str
+    columns: int  # columns per product (1 or BLOCK); 0 for rows that are not products
+    prepare: Callable[[Workload, Tensor], Prepared] = field(repr=False)
+    #: the issue's target for curvops rows, as a ratio to one gradient (per column for blocks)
+    target: float | None = None
+    #: key of the row whose result this row must reproduce (checked by run.py); for curvops
+    #: products, curvlinops' row for the same product, which is also the one to beat
+    reference: str | None = None
+
+
+# ---- baselines -------------------------------------------------------------------------------
+def _gradient_loop(w: Workload, v: Tensor) -> Prepared:
+    """What a user writes: backward over the batches, each weighted n_b / N."""
+    params, N = w.params, w.num_data
+
+    def run() -> Tensor:
+        w.model.zero_grad(set_to_none=True)
+        for X, y in w.batches:
+            (w.loss(w.model(X), y) * (X.shape[0] / N)).backward()
+        return torch.cat([p.grad.reshape(-1) for p in params])
+
+    return Prepared(run)
+
+
+def _curvops_gradient(w: Workload, v: Tensor) -> Prepared:
+    obj = curvops.Objective(w.model, w.loss, w.batches)
+    return Prepared(obj.gradient)
+
+
+# ---- curvops ---------------------------------------------------------------------------------
+def _curvops(cls, **kwargs) -> Callable[[Workload, Tensor], Prepared]:
+    def prepare(w: Workload, V: Tensor) -> Prepared:
+        op = cls(w.model, w.loss, w.batches, **kwargs)
+        if kwargs.get("keep_graphs"):
+            op @ V  # fill the graph cache: the rows measure products with a warm cache
+
+        def info() -> dict:
+            out = {"path": op.last_path}
+            if kwargs.get("keep_graphs"):
+                out["cache_mb"] = op.cache_bytes / 2**20
+            return out
+
+        return Prepared(lambda: op @ V, info)
+
+    return prepare
+
+
+def _curvops_construction(w: Workload, V: Tensor) -> Prepared:
+    return Prepared(lambda: curvops.Hessian(w.model, w.loss, w.batches))
+
+
+# ---- curvlinops ------------------------------------------------------------------------------
+def _curvlinops(name: str) -> Callable[[Workload, Tensor], Prepared]:
+    def prepare(w: Workload, V: Tensor) -> Prepared:
+        import curvlinops
+
+        # No determinism check and N given: construction then does no pass over the data,
+        # like curvops' (the check is timed on its own row).
+        op = getattr(curvlinops, name)(w.model, w.loss, w.params, w.batches,
+                                       check_deterministic=False, num_data=w.num_data)
+        return Prepared(lambda: op @ V)
+
+    return prepare
+
+
+def _curvlinops_construction(w: Workload, V: Tensor) -> Prepared:
+    import curvlinops
+
+    # Defaults: one pass to count N, then the determinism check (several gradients and products).
+    return Prepared(lambda: curvlinops.HessianLinearOperator(w.model, w.loss, w.params, w.batches))
+
+
+# ---- PyHessian -------------------------------------------------------------------------------
+def _pyhessian(w: Workload, v: Tensor) -> Prepared:
+    from pyhessian import hessian
+
+    h = hessian(w.model, w.loss, dataloader=w.batches, cuda=v.is_cuda)
+    params = w.params
+    vs = [t.view_as(p) for t, p in zip(v.split([p.numel() for p in params]), params)]
+
+    def run() -> Tensor:
+        _, Hv = h.dataloader_hv_product(vs)  # also returns vᵀHv, which costs nothing extra
+        return torch.cat([t.reshape(-1) for t in Hv])
+
+    return Prepared(run)
+
+
+# ---- the registry ----------------------------------------------------------------------------
+H, G, EF = curvops.Hessian, curvops.GGN, curvops.EmpiricalFisher
+B = BLOCK
+
+METHODS: list[Method] = [
+    Method("gradient", "gradient: loop of loss.backward() (baseline)", 1, _gradient_loop),
+    Method("curvops.gradient", "curvops Objective.gradient()", 1, _curvops_gradient, reference="gradient"),
+    Method("curvops.H", "curvops Hessian @ v", 1, _curvops(H), 2.5, "curvlinops.H"),
+    Method("curvops.H.keep", "curvops Hessian(keep_graphs=True) @ v", 1, _curvops(H, keep_graphs=True),
+           1.6, "curvlinops.H"),
+    Method("curvops.GGN", "curvops GGN @ v", 1, _curvops(G), 1.5, "curvlinops.GGN"),
+    Method("curvops.EF", "curvops EmpiricalFisher @ v", 1, _curvops(EF), 1.5, "curvlinops.EF"),
+    Method("curvops.H.16", f"curvops Hessian @ V[P,{B}], per column", B, _curvops(H), 1.2,
+           "curvlinops.H.16"),
+    Method("curvops.H.keep.16", f"curvops Hessian(keep_graphs=True) @ V[P,{B}], per column", B,
+           _curvops(H, keep_graphs=True), 1.2, "curvlinops.H.16"),
+    Method("curvops.GGN.16", f"curvops GGN @ V[P,{B}], per column", B, _curvops(G), 1.2,
+           "curvlinops.GGN.16"),
+    Method("curvops.EF.16", f"curvops EmpiricalFisher @ V[P,{B}], per column", B, _curvops(EF), 1.2,
+           "curvlinops.EF.16"),
+    Method("curvlinops.H", "curvlinops HessianLinearOperator @ v", 1, _curvlinops("HessianLinearOperator")),
+    Method("curvlinops.GGN", "curvlinops GGNLinearOperator @ v", 1, _curvlinops("GGNLinearOperator")),
+    Method("curvlinops.EF", "curvlinops EFLinearOperator @ v", 1, _curvlinops("EFLinearOperator")),
+    Method("curvlinops.H.16", f"curvlinops HessianLinearOperator @ V[P,{B}], per column", B,
+           _curvlinops("HessianLinearOperator")),
+    Method("curvlinops.GGN.16", f"curvlinops GGNLinearOperator @ V[P,{B}], per column", B,
+           _curvlinops("GGNLinearOperator")),
+    Method("curvlinops.EF.16", f"curvlinops EFLinearOperator @ V[P,{B}], per column", B,
+           _curvlinops("EFLinearOperator")),
+    Method("pyhessian.H", "PyHessian dataloader_hv_product(v)", 1, _pyhessian, reference="curvlinops.H"),
+    Method("curvops.H.construct", "curvops Hessian(...) construction", 0, _curvops_construction),
+    Method("curvlinops.H.construct", "curvlinops HessianLinearOperator(...) construction, defaults", 0,
+           _curvlinops_construction),
+]
+
+BY_KEY = {m.key: m for m in METHODS}
+
+
+def probes(w: Workload, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """The probe vector [P] and block [P, BLOCK] shared by every method (the vector is column 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    V = torch.randn(w.num_params, BLOCK, generator=gen).to(next(w.model.parameters()))
+    return V[:, 0].contiguous(), V
+
+
+def probe_for(method: Method, v: Tensor, V: Tensor) -> Tensor:
+    return V if method.columns == BLOCK else v

@@ -1,0 +1,11 @@
+"""Shared test set-up: fixed seeds (tests build float64 data explicitly)."""
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
