@@ -98,6 +98,7 @@ def output_space(objective: Objective, batch: Batch, theta: Sequence[Tensor], Vs
 
     K = Vs[0].shape[0]
     out, vjp_fn = vjp(f, *theta)
+    objective.check_target(out, batch.y, batch.index)
     try:
         if K == 1:
             _, JV = jvp(f, tuple(theta), tuple(v[0] for v in Vs))
