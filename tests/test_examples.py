@@ -1,0 +1,26 @@
+"""The README's code and the examples run as documented."""
+
+import pathlib
+import re
+import runpy
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_readme_example_runs():
+    text = (ROOT / "README.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    H, G, R = scope["H"], scope["G"], scope["R"]
+    assert R.shape == H.shape and R.is_symmetric
+    assert sorted(scope["top"])[-1] > 0
+
+
+def test_hessian_summary_example(capsys):
+    runpy.run_path(str(ROOT / "examples" / "hessian_summary.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    top = re.search(r"top-5 Hessian eigenvalues: \[([^\]]+)\]", out).group(1).split()
+    exact = re.search(r"exact top-5 \(dense check\): \[([^\]]+)\]", out).group(1).split()
+    assert [round(float(a), 4) for a in top] == [round(float(b), 4) for b in exact]
+    assert "condition number of GGN" in out
