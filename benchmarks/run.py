@@ -82,64 +82,69 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def measure_workload(name: str, args, device: torch.device) -> dict:
-    """Time every method on one workload; check curvops against curvlinops; CUDA memory."""
-    timed = make_timer(device)
+    """Time every method on one workload; check it against its reference; CUDA memory."""
     w = W.build(name, scale=args.scale, device=device)
     v, V = M.probes(w)
     print(f"# {name}: {w.description}; P={w.num_params}", file=sys.stderr, flush=True)
+    rows = {m.key: {"label": m.label, "columns": m.columns, "target": m.target, "times": []}
+            for m in M.METHODS}
+    ready = prepare_and_check(w, v, V, rows)
+    grad_s = time_rounds(ready, rows, args.repeats, make_timer(device))
+    if device.type == "cuda":
+        cuda_memory(w, v, V, ready, rows)
+    return {"description": w.description, "num_params": w.num_params, "num_data": w.num_data,
+            "gradient_s": grad_s, "methods": rows}
 
-    rows: dict[str, dict] = {}
+
+def prepare_and_check(w, v, V, rows: dict) -> dict[str, M.Prepared]:
+    """Prepare every method and run it once (warm-up); compare results with the reference rows."""
     ready: dict[str, M.Prepared] = {}
     outputs: dict[str, torch.Tensor] = {}
     for m in M.METHODS:
-        row = rows[m.key] = {"label": m.label, "columns": m.columns, "target": m.target, "times": []}
         try:
-            ready[m.key] = m.prepare(w, M.probe_for(m, v, V))
-            out = ready[m.key].run()  # warm-up, and the result to check
+            prep = m.prepare(w, M.probe_for(m, v, V))
+            out = prep.run()
         except Exception as err:  # a library missing or failing: report it, keep going
-            row["error"] = f"{type(err).__name__}: {err}"
-            ready.pop(m.key, None)
-            print(f"  {m.key}: {row['error']}", file=sys.stderr, flush=True)
+            rows[m.key]["error"] = f"{type(err).__name__}: {err}"
+            print(f"  {m.key}: {rows[m.key]['error']}", file=sys.stderr, flush=True)
             continue
+        ready[m.key] = prep
         if isinstance(out, torch.Tensor):
             outputs[m.key] = out.detach()
-
-    for m in M.METHODS:  # correctness: every row against its reference row
+    for m in M.METHODS:
         if m.reference in outputs and m.key in outputs:
             rows[m.key]["reference"] = m.reference
             rows[m.key]["rel_err"] = rel_err(outputs[m.key], outputs[m.reference])
-    outputs.clear()
+    return ready
 
-    baseline: list[float] = []
-    for r in range(args.repeats):
+
+def time_rounds(ready: dict[str, M.Prepared], rows: dict, repeats: int, timed) -> float:
+    """Interleaved rounds; fills times, medians and ratios; returns the baseline's median."""
+    for r in range(repeats):
         for key, prep in ready.items():
-            if key == "gradient":
-                baseline += [timed(prep.run) for _ in range(BASELINE_PER_ROUND)]
-            else:
-                rows[key]["times"].append(timed(prep.run))
-        print(f"  round {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
-    rows["gradient"]["times"] = baseline
-
-    grad_s = statistics.median(baseline)
-    for key, row in rows.items():
-        if not row["times"]:
-            continue
+            runs = BASELINE_PER_ROUND if key == "gradient" else 1
+            rows[key]["times"] += [timed(prep.run) for _ in range(runs)]
+        print(f"  round {r + 1}/{repeats} done", file=sys.stderr, flush=True)
+    grad_s = statistics.median(rows["gradient"]["times"])
+    for key, prep in ready.items():
+        row = rows[key]
         row["median_s"] = statistics.median(row["times"])
         row["ratio"] = row["median_s"] / grad_s / max(row["columns"], 1)
-        row.update(ready[key].info())
+        row.update(prep.info())
+    return grad_s
 
-    if device.type == "cuda":  # like the CPU figure: set-up (kept caches) and one product
-        for m in M.METHODS:
-            if m.key not in ready:
-                continue
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            m.prepare(w, M.probe_for(m, v, V)).run()
-            torch.cuda.synchronize()
-            rows[m.key]["mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return {"description": w.description, "num_params": w.num_params, "num_data": w.num_data,
-            "gradient_s": grad_s, "methods": rows}
+
+def cuda_memory(w, v, V, ready: dict, rows: dict) -> None:
+    """Like the CPU figure: the peak of set-up (kept caches) and one product of a fresh instance."""
+    for m in M.METHODS:
+        if m.key not in ready:
+            continue
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        m.prepare(w, M.probe_for(m, v, V)).run()
+        torch.cuda.synchronize()
+        rows[m.key]["mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 # ---- memory on CPU: one fresh process per (workload, method) ------------------------------------

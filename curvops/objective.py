@@ -322,9 +322,14 @@ class Objective:
         """Current values of the selected parameters (detached views, shared with the model)."""
         return list(self._values.values())
 
-    def param_versions(self) -> tuple[int, ...]:
-        """In-place version counters of the selected parameters (change when an optimizer steps)."""
-        return tuple(v._version for v in self._values.values())
+    def state_versions(self) -> tuple[int, ...]:
+        """In-place version counters of every parameter and buffer the forward reads.
+
+        They change when an optimizer steps or anything writes into the model's tensors, which
+        is how caches built from earlier values know they are stale.
+        """
+        tensors = [*self._values.values(), *self._constants.values(), *self._buffers.values()]
+        return tuple(t._version for t in tensors)
 
     def forward(self, theta: Sequence[Tensor], x) -> Tensor:
         """Pure forward pass ``f(theta, x)`` with ``theta`` in layout order."""

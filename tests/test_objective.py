@@ -270,4 +270,4 @@ def test_objective_gradient_and_loss_match_autograd(data):
     loss = nn.functional.cross_entropy(model(X), y)
     g = torch.autograd.grad(loss, list(model.parameters()))
     torch.testing.assert_close(obj.gradient(), torch.cat([t.reshape(-1) for t in g]))
-    assert abs(obj.loss_value() - float(loss)) < 1e-12
+    assert abs(obj.loss_value() - loss.item()) < 1e-12

@@ -60,13 +60,22 @@ def as_operator(A, like: Operator | None = None) -> Operator:
     raise TypeError(f"as_operator: expected an Operator, tensor, array or scipy LinearOperator, got {type(A).__name__}.")
 
 
+def _common_layout(api: str, layouts) -> ParamLayout | None:
+    """The parameter layout the operands agree on (None where none has one)."""
+    known = {l for l in layouts if l is not None}
+    if len(known) > 1:
+        raise ValueError(f"{api}: the operands are over different parameter sets; restrict them to the same one.")
+    return next(iter(known), None)
+
+
 class _Sum(Operator):
     def __init__(self, terms: Sequence[Operator]):
         first = terms[0]
         super().__init__(
             first.shape, first.torch_dtype, first.device,
             tags=_tags.sum_tags(t.tags for t in terms),
-            domain=first.domain, range=first.range,
+            domain=_common_layout("A + B", (t.domain for t in terms)),
+            range=_common_layout("A + B", (t.range for t in terms)),
         )
         self.terms = tuple(terms)
 
@@ -131,11 +140,14 @@ class _Adjoint(Operator):
 
 
 def adjoint(op: Operator) -> Operator:
-    """``Aᵀ``: the operator itself when symmetric, the original when already an adjoint."""
+    """``Aᵀ``: the operator itself when symmetric, the original when already an adjoint,
+    and ``Bᵀ Aᵀ`` for a product ``A B`` (so chains stay recognizable for the tag rules)."""
     if op.is_symmetric:
         return op
     if isinstance(op, _Adjoint):
         return op.op
+    if isinstance(op, _Product):
+        return _Product([adjoint(f) for f in reversed(op.factors)])
     return _Adjoint(op)
 
 
@@ -146,12 +158,18 @@ def _are_adjoints(X: Operator, Y: Operator) -> bool:
 
 
 def _product_tags(factors: Sequence[Operator]) -> frozenset[str]:
-    """Bᵀ B is PSD; Bᵀ M B keeps M's tags; other products promise nothing."""
-    if len(factors) == 2 and _are_adjoints(factors[0], factors[1]):
+    """Bᵀ B is PSD; Bᵀ M B keeps M's tags; other products promise nothing.
+
+    The chain is flattened, so B may itself be a product: the rule holds for any chain whose
+    factors mirror each other as adjoints around the middle (even length: PSD; odd length: the
+    middle factor's tags).
+    """
+    n = len(factors)
+    if not all(_are_adjoints(factors[i], factors[n - 1 - i]) for i in range(n // 2)):
+        return frozenset()
+    if n % 2 == 0:
         return frozenset({_tags.SYMMETRIC, _tags.PSD})
-    if len(factors) == 3 and _are_adjoints(factors[0], factors[2]):
-        return factors[1].tags
-    return frozenset()
+    return factors[n // 2].tags
 
 
 class _Product(Operator):
@@ -229,7 +247,9 @@ def restrict(A: Operator, params: Sequence[str] | None = None, *, U=None) -> Ope
     Uop = as_operator(U, like=A)
     if Uop.shape[0] != A.shape[0]:
         raise ValueError(f"restrict(U=...): expected U with {A.shape[0]} rows, got shape {Uop.shape}.")
-    return product(adjoint(Uop), A, Uop)
+    out = product(adjoint(Uop), A, Uop)
+    out.tags = A.tags  # congruence keeps symmetry and semi-definiteness, whatever the chain looks like
+    return out
 
 
 class _BlockDiag(Operator):

@@ -200,6 +200,8 @@ class Operator(spla.LinearOperator):
 
         if not (np.isscalar(c) or (isinstance(c, Tensor) and c.dim() == 0)):
             raise TypeError(f"{type(self).__name__} / c: expected a scalar, got {type(c).__name__}.")
+        if float(c) == 0.0:
+            raise ValueError(f"{type(self).__name__} / c: division by zero.")
         return algebra.scale(self, 1.0 / float(c))
 
     def __neg__(self):

@@ -34,9 +34,6 @@ class Dense(Operator):
     def _rmatmat_torch(self, W):
         return self.A.T @ W
 
-    def to_dense(self, **kw) -> Tensor:
-        return self.A.clone()
-
 
 class Diagonal(Operator):
     """``diag(d)``; symmetric, and PSD when the caller says so or every entry is ≥ 0 at construction."""

@@ -150,7 +150,7 @@ class Hessian(CurvatureOperator):
     def _matmat_torch(self, V: Tensor) -> Tensor:
         cache = self._cache
         if cache is not None:
-            versions = self.objective.param_versions()
+            versions = self.objective.state_versions()
             if cache.versions != versions:
                 cache.clear()
                 cache.versions = versions
