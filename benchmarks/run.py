@@ -16,9 +16,9 @@ Correctness.  Each curvops product is compared with curvlinops' product of the s
 ``‖a − b‖ / ‖b‖`` in float32.
 
 Memory.  On CPU each method runs again in a fresh subprocess that builds the workload, records
-its peak resident set size (``VmHWM``, i.e. ``ru_maxrss`` of this address space), prepares and runs the method once, and reports how
-far the peak rose: the extra memory the method needed at its peak beyond the model and data
-(kept caches included).  Memory the allocator freed during the build can be reused without
+its peak resident set size (``VmHWM``), prepares and runs the method once, and reports how far
+the peak rose: the extra memory the method needed at its peak beyond the model and data (kept
+caches included).  Memory the allocator freed during the build can be reused without
 raising the peak, so small figures are lower bounds to within a few MB.  On CUDA the same
 quantity (set-up and one product of a fresh instance) comes from
 ``torch.cuda.max_memory_allocated`` in this process.
@@ -204,50 +204,45 @@ def _cell(row: dict) -> str:
     return text
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def markdown(results: dict, meta: dict) -> str:
     names = list(results)
-    head = lambda first: [f"| {first} | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    rows_of = {n: results[n]["methods"] for n in names}
     out = [f"curvops benchmarks — {meta['date']}, {meta['cpu']}, torch {meta['torch']} on {meta['device']}, "
-           f"{meta['threads']} threads, load average before the run {meta['loadavg']}",
-           "", "Median time / median time of one full-data gradient in the same run "
+           f"{meta['threads']} threads, load average before the run {meta['loadavg']}", "",
+           "Median time / median time of one full-data gradient in the same run "
            "(16-column rows: per column). ✓/✗: the issue's target.", ""]
-    out += ["| method | target | " + " | ".join(names) + " |", "| --- | --- |" + " --- |" * len(names)]
-    grad = " | ".join(f"{1e3 * results[n]['gradient_s']:.1f} ms" for n in names)
-    out.append(f"| one full-data gradient (absolute) | | {grad} |")
-    for m in M.METHODS:
-        cells = " | ".join(_cell(results[n]["methods"][m.key]) for n in names)
-        target = f"≤ {m.target}" if m.target is not None else ""
-        out.append(f"| {m.label} | {target} | {cells} |")
+    ratios = [["one full-data gradient (absolute)", ""] + [f"{1e3 * results[n]['gradient_s']:.1f} ms" for n in names]]
+    ratios += [[m.label, f"≤ {m.target}" if m.target is not None else ""] + [_cell(rows_of[n][m.key]) for n in names]
+               for m in M.METHODS]
+    out += _table(["method", "target", *names], ratios)
 
+    rivals = [m for m in M.METHODS if m.key.startswith("curvops.") and (m.reference or "").startswith("curvlinops.")]
+    speedups = []
+    for m in rivals:
+        times = [(rows_of[n][m.key].get("median_s"), rows_of[n][m.reference].get("median_s")) for n in names]
+        speedups.append([m.label] + [f"{b / a:.2f}" if a and b else "—" for a, b in times])
     out += ["", "curvops speed-up over curvlinops (same product; > 1 means curvops is faster)", ""]
-    out += head("product")
-    for m in M.METHODS:
-        if m.key.startswith("curvops.") and (m.reference or "").startswith("curvlinops."):
-            cells = []
-            for n in names:
-                rows = results[n]["methods"]
-                a, b = rows[m.key].get("median_s"), rows[m.reference].get("median_s")
-                cells.append(f"{b / a:.2f}" if a and b else "—")
-            out.append(f"| {m.label} | " + " | ".join(cells) + " |")
+    out += _table(["product", *names], speedups)
 
+    errors = [[f"{m.label} vs {m.reference}"] + [f"{rows_of[n][m.key]['rel_err']:.1e}"
+                                                 if "rel_err" in rows_of[n][m.key] else "—" for n in names]
+              for m in M.METHODS if m.reference]
     out += ["", "Relative error ‖a − b‖/‖b‖ against the reference row (float32)", ""]
-    out += head("product (reference)")
-    for m in M.METHODS:
-        if m.reference:
-            cells = " | ".join(f"{results[n]['methods'][m.key]['rel_err']:.1e}"
-                               if "rel_err" in results[n]["methods"][m.key] else "—" for n in names)
-            out.append(f"| {m.label} ({m.reference}) | {cells} |")
+    out += _table(["product", *names], errors)
 
-    if any("mem_mb" in r for n in names for r in results[n]["methods"].values()):
+    if any("mem_mb" in r for n in names for r in rows_of[n].values()):
+        memory = [[m.label] + [f"{rows_of[n][m.key]['mem_mb']:.0f}" if "mem_mb" in rows_of[n][m.key] else "—"
+                               for n in names] for m in M.METHODS]
         out += ["", f"Peak memory beyond model and data, MB ({meta['memory_method']})", ""]
-        out += head("method")
-        for m in M.METHODS:
-            rows = [results[n]["methods"][m.key] for n in names]
-            out.append(f"| {m.label} | " + " | ".join(f"{r['mem_mb']:.0f}" if "mem_mb" in r else "—"
-                                                     for r in rows) + " |")
+        out += _table(["method", *names], memory)
 
-    paths = {m.key: results[names[0]]["methods"][m.key].get("path") for m in M.METHODS}
-    kept = [f"{n}: {results[n]['methods']['curvops.H.keep'].get('cache_mb', 0):.0f} MB" for n in names]
+    paths = {m.key: rows_of[names[0]][m.key].get("path") for m in M.METHODS}
+    kept = [f"{n}: {rows_of[n]['curvops.H.keep'].get('cache_mb', 0):.0f} MB" for n in names]
     out += ["", "curvops kernels: " + "; ".join(f"{k} → {p}" for k, p in paths.items() if p),
             "Kept gradient graphs (keep_graphs=True): " + ", ".join(kept)]
     return "\n".join(out)

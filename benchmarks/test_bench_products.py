@@ -8,8 +8,8 @@ default 5), ``BENCH_DEVICE`` (``cpu`` or ``cuda``).
 
 Each test records in ``extra_info`` its median as a ratio to one full-data gradient (timed in
 the same session, ``ratio``; per column for blocks), the curvops kernel that ran, and on each
-curvlinops row the speed-up of the curvops rows doing the same product (``curvops_speedup``).  ``run.py`` gives the same numbers as one table, with correctness
-checks and memory.
+curvlinops row the speed-up of the curvops rows doing the same product (``curvops_speedup``).
+``run.py`` gives the same numbers as one table, with correctness checks and memory.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import statistics
 import time
-import warnings
 
 import pytest
 import torch
@@ -34,7 +33,8 @@ if DEVICE.type == "cuda" and not torch.cuda.is_available():
 
 _sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
 _medians: dict[tuple[str, str], float] = {}  # (workload, method key) → median seconds
-_needs = {"curvlinops": "curvlinops", "pyhessian": "pyhessian"}
+# PyHessian calls backward(create_graph=True) and torch warns about the reference cycle.
+pytestmark = pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 
 
 def _synced(fn):
@@ -49,7 +49,6 @@ def _synced(fn):
 @pytest.fixture(scope="session", autouse=True)
 def _threads():
     torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")  # PyHessian
 
 
 @pytest.fixture(scope="session")
@@ -90,8 +89,8 @@ def gradient_median(workloads):
 @pytest.mark.parametrize("workload", W.NAMES)
 def test_product(benchmark, workloads, gradient_median, workload, method):
     library = method.key.split(".")[0]
-    if library in _needs:
-        pytest.importorskip(_needs[library])
+    if library in ("curvlinops", "pyhessian"):
+        pytest.importorskip(library)
     w, v, V = workloads(workload)
     prepared = method.prepare(w, M.probe_for(method, v, V))
     benchmark.group = workload

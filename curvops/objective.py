@@ -254,6 +254,12 @@ class Objective:
                 raise ValueError(f"Objective: parameter {n!r} contains NaN or Inf; fix the model before measuring curvature.")
         self.layout = ParamLayout(tuple(self._values), tuple(v.shape for v in values))
         self.data = self._as_batches(data, batch_size)
+        # Value checks (NaN/Inf, target shapes and ranges) run on every pass over a DataLoader or
+        # other iterable (its batches may change), but only on the first full pass over fixed
+        # tensors (a list of batches or an (X, y) pair): later passes skip the scans.
+        self._fixed_data = isinstance(self.data, (list, tuple, _SplitBatches))
+        self._validated = False
+        self._checking = True
 
     # ---- set-up helpers -----------------------------------------------------------
     def _check_modes(self) -> None:
@@ -368,6 +374,8 @@ class Objective:
         return value.reshape(())
 
     def check_target(self, out: Tensor, y, index: int) -> None:
+        if not self._checking:
+            return
         if not isinstance(out, Tensor):
             raise TypeError(
                 f"Objective: the model returned {type(out).__name__}, expected a tensor; pass output= to pick "
@@ -405,6 +413,7 @@ class Objective:
     def batches(self) -> Iterator[Batch]:
         """One pass over the data: validated batches moved to the device one at a time."""
         count = 0
+        self._checking = check = not (self._fixed_data and self._validated)
         for index, batch in enumerate(self.data):
             if isinstance(batch, Mapping) or not isinstance(batch, (list, tuple)) or len(batch) != 2:
                 raise TypeError(
@@ -419,7 +428,7 @@ class Objective:
                         f"Objective: batch {index} has tensors with different numbers of samples "
                         f"({t.shape[0]} vs {n})."
                     )
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                if check and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     raise ValueError(f"Objective: batch {index} contains NaN or Inf values.")
             x = _tree_map(self._to_device, x)
             y = _tree_map(self._to_device, y)
@@ -427,6 +436,7 @@ class Objective:
             yield Batch(x, y, n, index)
         if count == 0:
             raise ValueError("Objective: the data produced no batches.")
+        self._validated = True
 
     def _to_device(self, t: Tensor) -> Tensor:
         if t.is_floating_point():

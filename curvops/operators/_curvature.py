@@ -68,7 +68,11 @@ class CurvatureOperator(Operator):
         #: which kernel ran in the last product (for diagnostics and benchmarks)
         self.last_path: str | None = None
 
-    def _batch_matmat(self, batch: Batch, Vs: list[Tensor]) -> list[Tensor]:
+    def _prepare(self, batch: Batch):
+        """Per-batch state shared by all column chunks of one product (e.g. a gradient graph)."""
+        return None
+
+    def _batch_matmat(self, batch: Batch, Vs: list[Tensor], state=None) -> list[Tensor]:
         raise NotImplementedError
 
     def _matmat_torch(self, V: Tensor) -> Tensor:
@@ -77,7 +81,8 @@ class CurvatureOperator(Operator):
         chunks = [split_columns(obj, V[:, s:s + self.max_columns]) for s in range(0, K, self.max_columns)]
 
         def per_batch(batch: Batch) -> Tensor:
-            outs = [join_columns(self._batch_matmat(batch, Vs), Vs[0].shape[0]) for Vs in chunks]
+            state = self._prepare(batch)
+            outs = [join_columns(self._batch_matmat(batch, Vs, state), Vs[0].shape[0]) for Vs in chunks]
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
         with obj.session():
@@ -97,6 +102,13 @@ def output_space(objective: Objective, batch: Batch, theta: Sequence[Tensor], Vs
         return objective.forward(th, batch.x)
 
     K = Vs[0].shape[0]
+    if K == 1:
+        try:
+            res = _single_column(f, objective, batch, theta, Vs, apply_M)
+            path.append("forward-mode J (dual tensors) and reverse-mode Jᵀ on one forward pass")
+            return res
+        except (RuntimeError, NotImplementedError):
+            pass  # a layer without forward-mode support: the torch.func path below has a fallback
     out, vjp_fn = vjp(f, *theta)
     objective.check_target(out, batch.y, batch.index)
     try:
@@ -117,6 +129,24 @@ def output_space(objective: Objective, batch: Batch, theta: Sequence[Tensor], Vs
         res = list(vmap(vjp_fn)(MJV))
     path.append(f"{kind}, reverse-mode Jᵀ (torch.func)")
     return res
+
+
+def _single_column(f, objective: Objective, batch: Batch, theta, Vs, apply_M) -> list[Tensor]:
+    """Jᵀ M J v with one forward pass: dual tensors carry J v next to the primal, whose
+    autograd graph then gives Jᵀ (about 2× a gradient instead of 2.6–3.2× for separate passes)."""
+    import torch.autograd.forward_ad as fwAD
+
+    th = [t.detach().requires_grad_() for t in theta]
+    with torch.enable_grad(), fwAD.dual_level():
+        dual = f(*[fwAD.make_dual(t, v[0]) for t, v in zip(th, Vs)])
+        out, jv = fwAD.unpack_dual(dual)
+    objective.check_target(out, batch.y, batch.index)
+    jv = torch.zeros_like(out) if jv is None else jv.detach()
+    M = apply_M(out.detach(), jv[None])[0]
+    if not out.requires_grad:
+        return [torch.zeros(1, *t.shape, dtype=t.dtype, device=t.device) for t in th]
+    res = torch.autograd.grad(out, th, M, allow_unused=True)
+    return [torch.zeros_like(t)[None] if r is None else r[None] for r, t in zip(res, th)]
 
 
 def _jvp_by_double_vjp(f, theta: Sequence[Tensor], Vs: list[Tensor]) -> Tensor:

@@ -118,7 +118,7 @@ class Fisher(CurvatureOperator):
             acc += E[s][None] * _per_sample_dot(E[s], JV)
         return (c / self.mc_samples) * acc
 
-    def _batch_matmat(self, batch: Batch, Vs: list[Tensor]) -> list[Tensor]:
+    def _batch_matmat(self, batch: Batch, Vs: list[Tensor], state=None) -> list[Tensor]:
         obj, path = self.objective, []
         res = output_space(obj, batch, obj.theta(), Vs, lambda out, JV: self._apply_M(batch, out, JV), path)
         self.last_path = path[-1]
@@ -152,7 +152,7 @@ class EmpiricalFisher(CurvatureOperator):
             return batch.n * E[None] * _per_sample_dot(E, JV)
         return E[None] * _per_sample_dot(E, JV)
 
-    def _batch_matmat(self, batch: Batch, Vs: list[Tensor]) -> list[Tensor]:
+    def _batch_matmat(self, batch: Batch, Vs: list[Tensor], state=None) -> list[Tensor]:
         obj, path = self.objective, []
         res = output_space(obj, batch, obj.theta(), Vs, lambda out, JV: self._apply_M(batch, out, JV), path)
         self.last_path = path[-1]

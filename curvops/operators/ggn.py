@@ -47,7 +47,7 @@ class GGN(CurvatureOperator):
         tags = (_tags.PSD,) if convex_loss else (_tags.SYMMETRIC,)
         super().__init__(objective, tags=tags, max_columns=max_columns)
 
-    def _batch_matmat(self, batch: Batch, Vs: list[Tensor]) -> list[Tensor]:
+    def _batch_matmat(self, batch: Batch, Vs: list[Tensor], state=None) -> list[Tensor]:
         obj = self.objective
         path: list[str] = []
         res = output_space(obj, batch, obj.theta(), Vs,
