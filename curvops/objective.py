@@ -260,6 +260,7 @@ class Objective:
         self._fixed_data = isinstance(self.data, (list, tuple, _SplitBatches))
         self._validated = False
         self._checking = True
+        self._bn_training = True  # refreshed by session() before every pass
 
     # ---- set-up helpers -----------------------------------------------------------
     def _check_modes(self) -> None:
@@ -354,7 +355,7 @@ class Objective:
         return self.output(out) if self.output is not None else out
 
     def _buffers_for_call(self) -> dict[str, Tensor]:
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in self.model.modules()):
+        if self._bn_training:
             return {n: b.clone() for n, b in self._buffers.items()}  # train-mode BN writes running stats
         return self._buffers
 
@@ -458,6 +459,7 @@ class Objective:
     def session(self):
         """Leave the model as found: train/eval flags and, for stochastic models, the global RNG."""
         modes = [(m, m.training) for m in self.model.modules()] if isinstance(self.model, nn.Module) else []
+        self._bn_training = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and mode for m, mode in modes)
         rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []) \
             if self.allow_stochastic else contextlib.nullcontext()
         try:

@@ -31,7 +31,7 @@ def split_columns(objective: Objective, V: Tensor) -> list[Tensor]:
     """Flat block [P, K] → per-parameter tensors [K, *shape]."""
     K = V.shape[1]
     parts = torch.split(V, list(objective.layout.numels), dim=0)
-    return [p.T.reshape(K, *s) for p, s in zip(parts, objective.layout.shapes)]
+    return [p.T.contiguous().reshape(K, *s) for p, s in zip(parts, objective.layout.shapes)]
 
 
 def join_columns(parts: Sequence[Tensor], K: int) -> Tensor:
@@ -75,18 +75,30 @@ class CurvatureOperator(Operator):
     def _batch_matmat(self, batch: Batch, Vs: list[Tensor], state=None) -> list[Tensor]:
         raise NotImplementedError
 
+    def _batch_accumulate(self, batch: Batch, Vs: list[Tensor], state, out: list[Tensor], weight: float) -> None:
+        """``out += weight · (batch curvature) @ Vs``, in place (kernels may write column by column)."""
+        for o, r in zip(out, self._batch_matmat(batch, Vs, state)):
+            o.add_(r, alpha=weight)
+
     def _matmat_torch(self, V: Tensor) -> Tensor:
         obj = self.objective
         K = V.shape[1]
-        chunks = [split_columns(obj, V[:, s:s + self.max_columns]) for s in range(0, K, self.max_columns)]
-
-        def per_batch(batch: Batch) -> Tensor:
-            state = self._prepare(batch)
-            outs = [join_columns(self._batch_matmat(batch, Vs, state), Vs[0].shape[0]) for Vs in chunks]
-            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-
+        starts = range(0, K, self.max_columns)
+        chunks = [split_columns(obj, V[:, s:s + self.max_columns]) for s in starts]
+        # The accumulator lives in parameter form [K, *shape]; it is joined to [P, K] once at the end
+        # (no per-batch copies of the whole block).
+        acc = [torch.zeros(K, *shape, dtype=V.dtype, device=V.device) for shape in obj.layout.shapes]
+        total = 0
         with obj.session():
-            return obj.accumulate(per_batch)
+            for batch in obj.batches():
+                state = self._prepare(batch)
+                weight = batch.n if obj.reduction == "mean" else 1
+                for s, Vs in zip(starts, chunks):
+                    self._batch_accumulate(batch, Vs, state, [a[s:s + Vs[0].shape[0]] for a in acc], weight)
+                total += batch.n
+                del state
+        out = join_columns(acc, K)
+        return out.div_(total) if obj.reduction == "mean" else out
 
 
 def output_space(objective: Objective, batch: Batch, theta: Sequence[Tensor], Vs: list[Tensor],

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..objective import Batch, Objective
 from . import tags as _tags
-from ._curvature import CurvatureOperator, make_objective, zeros_for_none
+from ._curvature import CurvatureOperator, make_objective
 
 _BATCHED, _LOOP = "reverse-over-reverse, batched columns", "reverse-over-reverse, column loop"
 _SINGLE = "reverse-over-reverse, one column"
@@ -116,29 +116,29 @@ class Hessian(CurvatureOperator):
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         return theta, grads, live, nbytes[0]
 
-    def _double_backward(self, theta, grads, live, Vs: list[Tensor], retain: bool) -> list[Tensor]:
+    def _double_backward(self, theta, grads, live, Vs: list[Tensor], out: list[Tensor], weight: float) -> None:
+        """out += weight · H_b Vs, one double-backward per column (or one batched backward)."""
         K = Vs[0].shape[0]
         if not live:
-            return [torch.zeros(K, *t.shape, dtype=t.dtype, device=t.device) for t in theta]
+            return
         outs = [grads[i] for i in live]
-        if K == 1:
-            res = torch.autograd.grad(outs, theta, [Vs[i][0] for i in live], retain_graph=retain, allow_unused=True)
-            self.last_path = _SINGLE
-            return [r[None] for r in zeros_for_none(res, theta)]
-        if self._batched_ok:
+        if K > 1 and self._batched_ok:
             try:
                 res = torch.autograd.grad(outs, theta, [Vs[i] for i in live], retain_graph=True,
                                           allow_unused=True, is_grads_batched=True)
                 self.last_path = _BATCHED
-                return zeros_for_none(res, theta, K)
+                for o, r in zip(out, res):
+                    if r is not None:
+                        o.add_(r, alpha=weight)
+                return
             except RuntimeError:
                 self._batched_ok = False  # an op without a batching rule: loop from now on
-        cols = []
         for k in range(K):
             res = torch.autograd.grad(outs, theta, [Vs[i][k] for i in live], retain_graph=True, allow_unused=True)
-            cols.append(zeros_for_none(res, theta))
-        self.last_path = _LOOP
-        return [torch.stack([c[j] for c in cols]) for j in range(len(theta))]
+            for o, r in zip(out, res):
+                if r is not None:
+                    o[k].add_(r, alpha=weight)
+        self.last_path = _SINGLE if K == 1 else _LOOP
 
     def _prepare(self, batch: Batch):
         cache = self._cache
@@ -156,9 +156,9 @@ class Hessian(CurvatureOperator):
                 cache.full = True
         return entry
 
-    def _batch_matmat(self, batch: Batch, Vs: list[Tensor], state=None) -> list[Tensor]:
+    def _batch_accumulate(self, batch: Batch, Vs: list[Tensor], state, out: list[Tensor], weight: float) -> None:
         theta, grads, live = state
-        return self._double_backward(theta, grads, live, Vs, retain=True)
+        self._double_backward(theta, grads, live, Vs, out, weight)
 
     def _matmat_torch(self, V: Tensor) -> Tensor:
         cache = self._cache
