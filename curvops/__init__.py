@@ -3,13 +3,13 @@
 from .objective import Objective
 from .operators import (
     GGN, PSD, SYMMETRIC, Dense, DeterminismReport, Diagonal, EmpiricalFisher, Fisher, Hessian, Identity,
-    LowRank, Operator, ParamLayout, as_operator, block_diag, check_deterministic, func_operator, restrict, tag,
+    Jacobian, NTK, LowRank, Operator, ParamLayout, as_operator, block_diag, check_deterministic, func_operator, restrict, tag,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Objective", "Operator", "ParamLayout", "Hessian", "GGN", "Fisher", "EmpiricalFisher",
+    "Objective", "Operator", "Jacobian", "NTK", "ParamLayout", "Hessian", "GGN", "Fisher", "EmpiricalFisher",
     "Dense", "Diagonal", "Identity", "LowRank", "as_operator", "block_diag", "func_operator",
     "restrict", "tag", "check_deterministic", "DeterminismReport", "PSD", "SYMMETRIC", "__version__",
 ]

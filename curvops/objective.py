@@ -102,8 +102,10 @@ def _leading_dim(x, y) -> int:
     return int(leaves[0].shape[0]) if leaves[0].dim() > 0 else 1
 
 
-def _resolve_loss(loss, reduction: str | None) -> tuple[Callable, str, str | None, nn.Module | None]:
-    """→ (callable, reduction, kind, module)."""
+def _resolve_loss(loss, reduction: str | None) -> tuple[Callable | None, str, str | None, nn.Module | None]:
+    """→ (callable, reduction, kind, module); ``loss=None`` for loss-free quantities (Jacobians, NTK)."""
+    if loss is None:
+        return None, reduction or "sum", None, None
     if isinstance(loss, str):
         if loss not in _LOSSES:
             raise ValueError(f"Objective: unknown loss name {loss!r}; expected one of {sorted(_LOSSES)} or a callable.")
@@ -287,6 +289,11 @@ class Objective:
 
     @staticmethod
     def _as_batches(data, batch_size):
+        if isinstance(data, (Tensor, Mapping)):  # inputs only (Jacobians, NTK): no targets
+            split = _SplitBatches(data, None, batch_size)
+            if split.n == 0:
+                raise ValueError("Objective: the data is empty (0 samples).")
+            return split
         if isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], Tensor):
             if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
                 raise ValueError(f"Objective: batch_size must be a positive integer, got {batch_size!r}.")
@@ -361,6 +368,8 @@ class Objective:
 
     def loss(self, out: Tensor, y, index: int) -> Tensor:
         """The user's loss on one batch, with shape checks that name the batch."""
+        if self.loss_fn is None:
+            raise ValueError("Objective: this quantity needs a loss; pass loss= (a name, a torch loss or a callable).")
         self.check_target(out, y, index)
         try:
             value = self.loss_fn(out, y)
@@ -416,6 +425,9 @@ class Objective:
         count = 0
         self._checking = check = not (self._fixed_data and self._validated)
         for index, batch in enumerate(self.data):
+            if self.loss_fn is None and (isinstance(batch, (Tensor, Mapping)) or (
+                    isinstance(batch, (list, tuple)) and len(batch) == 2 and batch[1] is None)):
+                batch = (batch, None) if isinstance(batch, (Tensor, Mapping)) else batch
             if isinstance(batch, Mapping) or not isinstance(batch, (list, tuple)) or len(batch) != 2:
                 raise TypeError(
                     f"Objective: batch {index} must be a pair (inputs, target), got {type(batch).__name__}"
@@ -438,6 +450,38 @@ class Objective:
         if count == 0:
             raise ValueError("Objective: the data produced no batches.")
         self._validated = True
+
+    def num_samples(self) -> int:
+        """N without a pass: from tensor shapes, a list's batches, or a sized DataLoader's dataset."""
+        data = self.data
+        if isinstance(data, _SplitBatches):
+            return data.n
+        if isinstance(data, (list, tuple)):
+            total = 0
+            for b in data:
+                x, y = (b, None) if isinstance(b, (Tensor, Mapping)) else b
+                total += _leading_dim(x, y)
+            return total
+        if isinstance(data, DataLoader):
+            try:
+                n = len(data.dataset)
+            except TypeError:
+                n = None
+            if n is not None:
+                if data.drop_last and data.batch_size:
+                    n = (n // data.batch_size) * data.batch_size
+                return n
+        raise TypeError(
+            "Objective: the number of samples can't be known without a pass over this data; pass a list of "
+            "batches, an (X, y) pair or a DataLoader over a sized dataset."
+        )
+
+    def first_sample(self) -> Batch:
+        """The first sample of the first batch (for shape probes; loads one batch)."""
+        batch = next(iter(self.batches()))
+        x = _tree_map(lambda t: t[:1], batch.x)
+        y = None if batch.y is None else _tree_map(lambda t: t[:1] if t.dim() > 0 else t, batch.y)
+        return Batch(x, y, 1, 0)
 
     def _to_device(self, t: Tensor) -> Tensor:
         if t.is_floating_point():

@@ -7,10 +7,12 @@ from .dense import Dense, Diagonal, Identity, LowRank
 from .fisher import EmpiricalFisher, Fisher
 from .ggn import GGN
 from .hessian import Hessian
+from .jacobian import Jacobian
+from .ntk import NTK
 from .tags import PSD, SYMMETRIC
 
 __all__ = [
     "Operator", "ParamLayout", "as_operator", "block_diag", "func_operator", "restrict", "tag",
     "Dense", "Diagonal", "Identity", "LowRank", "Hessian", "GGN", "Fisher", "EmpiricalFisher",
-    "check_deterministic", "DeterminismReport", "PSD", "SYMMETRIC",
+    "Jacobian", "NTK", "check_deterministic", "DeterminismReport", "PSD", "SYMMETRIC",
 ]

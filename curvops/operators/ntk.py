@@ -1,0 +1,203 @@
+r"""The empirical neural tangent kernel $K = J J^\top$ and its cross-kernel $J_1 J_2^\top$."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import tags as _tags
+from .base import Operator
+from .jacobian import Jacobian
+
+
+class NTK(Operator):
+    r"""Empirical NTK of a model on inputs X1 (and X2 for the cross-kernel).
+
+    .. math:: K(X_1, X_2) = J(X_1)\, J(X_2)^\top \in \mathbb{R}^{(N_1 C) \times (N_2 C)},
+        \qquad J = \partial f / \partial\theta
+
+    Rows/columns are sample-major (``i·C + c``). ``output_reduction="sum"|"mean"`` takes the
+    kernel of the per-sample summed / averaged output (N₁×N₂): the C×C structure summed out.
+
+    **Cost**: a product is one VJP pass over X2 (Jᵀ V) and one forward-mode pass over X1 (J ·);
+    blocks of columns are vmapped. :meth:`to_dense` contracts explicit Jacobian blocks within
+    ``memory_budget`` bytes (see there).
+
+    **Tags**: symmetric, psd when X2 is None (K(X, X)); none for a cross-kernel.
+
+    Args:
+        model: an ``nn.Module`` or ``f(params, x)`` (then ``params=`` is its parameter dict).
+        X1, X2: inputs (tensor, tuple/dict of tensors, or a list of input batches / DataLoader).
+        params: parameter selection as in :class:`~curvops.Objective`.
+        output_reduction: ``None``, ``"sum"`` or ``"mean"`` over each sample's outputs.
+        batch_size: split tensor inputs into batches of this size.
+        memory_budget: bytes the explicit :meth:`to_dense` may use for Jacobian blocks.
+    """
+
+    def __init__(self, model, X1, X2=None, *, params=None, output_reduction: str | None = None,
+                 batch_size: int | None = None, output=None, memory_budget: int = 2**28,
+                 max_columns: int = 256, **kwargs):
+        common = dict(params=params, batch_size=batch_size, output=output, **kwargs)
+        self.J1 = Jacobian(model, X1, output_reduction=output_reduction, max_columns=max_columns, **common)
+        self.J2 = self.J1 if X2 is None else Jacobian(model, X2, output_reduction=output_reduction,
+                                                       max_columns=max_columns, **common)
+        if self.J1.out_shape != self.J2.out_shape:
+            raise ValueError(f"NTK: outputs on X1 and X2 differ in shape: {self.J1.out_shape} vs {self.J2.out_shape}.")
+        tags = (_tags.PSD,) if X2 is None else ()
+        super().__init__((self.J1.shape[0], self.J2.shape[0]), self.J1.torch_dtype, self.J1.device, tags=tags)
+        self.memory_budget = int(memory_budget)
+
+    @property
+    def objective(self):
+        return self.J1.objective
+
+    def _matmat_torch(self, V: Tensor) -> Tensor:
+        return self.J1._matmat_torch(self.J2._rmatmat_torch(V))
+
+    def _rmatmat_torch(self, W: Tensor) -> Tensor:
+        return self.J2._matmat_torch(self.J1._rmatmat_torch(W))
+
+    def to_dense(self, *, max_entries: int | None = None, chunk: int = 256) -> Tensor:
+        """The kernel as a dense tensor [N₁C, N₂C], without forming per-sample Jacobians of linear layers.
+
+        For every ``nn.Linear`` whose weight/bias are selected (and used by that module only), the
+        Jacobian factorizes per sample: ∂f_ic/∂W = δ_ic a_iᵀ with a_i the layer's input and δ_ic =
+        ∂f_ic/∂z_i the output's sensitivity to the layer's output z. So that layer's kernel is
+        (a_i·a_j)(δ_ic·δ_jd) (+ δ_ic·δ_jd for the bias): one forward and C VJPs per batch collect
+        a and δ (N·(d_in + C·d_out) numbers per layer), and the kernel is two matrix products.
+        Remaining parameters get explicit Jacobian rows (N·C·P_rest numbers). If those features do
+        not fit in ``memory_budget`` bytes, or a layer is not a plain 2-D ``nn.Linear``, this falls
+        back to products with identity blocks (``chunk`` columns at a time: two passes each).
+        """
+        M, N = self.shape
+        if max_entries is not None and M * N > max_entries:
+            raise ValueError(
+                f"NTK.to_dense: the kernel has {M}×{N} = {M * N:,} entries, above max_entries={max_entries:,}."
+            )
+        feats1 = _features(self.J1, self.memory_budget)
+        feats2 = feats1 if (feats1 is None or self.J2 is self.J1) else _features(self.J2, self.memory_budget)
+        if feats1 is None or feats2 is None:
+            return super().to_dense(max_entries=M * N, chunk=chunk)
+        C = self.J1.C
+        K = feats1.rest @ feats2.rest.T if feats1.rest is not None else torch.zeros(
+            M, N, dtype=self.torch_dtype, device=self.device)
+        for name, (a1, d1, has_w, has_b) in feats1.layers.items():
+            a2, d2, _, _ = feats2.layers[name]
+            D = d1.reshape(M, -1) @ d2.reshape(N, -1).T  # [N1·C, N2·C]: δ_ic · δ_jd
+            if has_w:
+                A = a1 @ a2.T  # [N1, N2]: a_i · a_j
+                K += (D.view(-1, C, a2.shape[0], C) * A[:, None, :, None]).view(M, N)
+            if has_b:
+                K += D
+        return K
+
+
+class _Features:
+    def __init__(self):
+        self.layers: dict = {}
+        self.rest: Tensor | None = None
+
+
+def _linear_plan(J: Jacobian):
+    """Selected nn.Linear layers whose parameters no other module uses: name -> (w_name, b_name)."""
+    from torch import nn
+
+    obj = J.objective
+    if not isinstance(obj.model, nn.Module) or J.wrt != "params" or J.of is not None:
+        return {}, list(obj.layout.names)
+    owners: dict[int, int] = {}
+    for m in obj.model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    selected = set(obj.layout.names)
+    plan, covered = {}, set()
+    for mname, m in obj.model.named_modules():
+        if type(m) is not nn.Linear:
+            continue
+        w = f"{mname}.weight" if mname else "weight"
+        b = f"{mname}.bias" if mname else "bias"
+        use_w = w in selected and owners.get(id(m.weight), 0) == 1
+        use_b = m.bias is not None and b in selected and owners.get(id(m.bias), 0) == 1
+        if use_w or use_b:
+            plan[mname] = (w if use_w else None, b if use_b else None)
+            covered.update(n for n in (w if use_w else None, b if use_b else None) if n)
+    rest = [n for n in obj.layout.names if n not in covered]
+    return plan, rest
+
+
+def _features(J: Jacobian, budget: int) -> "_Features | None":
+    """Per-layer inputs a [N, d_in] and sensitivities δ [N, C, d_out], plus rest-Jacobian rows."""
+    obj = J.objective
+    plan, rest = _linear_plan(J)
+    C, Nn = J.C, J.N
+    itemsize = torch.empty((), dtype=obj.dtype).element_size()
+    numel = dict(zip(obj.layout.names, obj.layout.numels))
+    need = Nn * C * sum(numel[n] for n in rest)
+    modules = dict(obj.model.named_modules()) if plan else {}
+    for mname in plan:
+        m = modules[mname]
+        need += Nn * (m.in_features + C * m.out_features)
+    if need * itemsize > budget:
+        return None
+    from torch.func import vjp, vmap
+
+    feats = _Features()
+    store = {name: ([], []) for name in plan}
+    rest_rows = []
+    index = {n: i for i, n in enumerate(obj.layout.names)}
+    with obj.session():
+        for batch in obj.batches():
+            theta = obj.theta()
+            inputs: dict = {}
+            hooks = [modules[name].register_forward_hook(
+                (lambda nm: (lambda mod, inp, out: inputs.__setitem__(nm, inp[0])))(name)) for name in plan]
+            try:
+                deltas0 = {}
+                with torch.no_grad():
+                    rec: dict = {}
+                    from ._taps import tapped
+                    with tapped({n: modules[n] for n in plan}, record=rec, api="NTK.to_dense"):
+                        obj.forward(theta, batch.x)
+            finally:
+                for h in hooks:
+                    h.remove()
+            for name in plan:
+                a = inputs[name]
+                if a.dim() != 2:
+                    return None  # sequence-shaped inputs: the per-sample factorization differs
+                deltas0[name] = torch.zeros_like(rec[name])
+            names = list(plan)
+
+            def g(ds, rest_vals):
+                th = list(theta)
+                for n, v in zip(rest, rest_vals):
+                    th[index[n]] = v
+                out_rec: dict = {}
+                with tapped({n: modules[n] for n in names}, add=dict(zip(names, ds)), record=out_rec,
+                            api="NTK.to_dense"):
+                    out = obj.forward(th, batch.x)
+                return J._reduce_output(out)
+
+            eye = torch.eye(C, dtype=obj.dtype, device=obj.device)
+            if names:  # δ_ic: per sample its own variable, so C cotangents give all samples at once
+                _, vjp_d = vjp(lambda ds: g(ds, [theta[index[n]] for n in rest]),
+                               tuple(deltas0[n] for n in names))
+                cot = eye[:, None, :].expand(C, batch.n, C).reshape(C, batch.n, *J.out_shape)
+                (d_res,) = vmap(vjp_d)(cot)  # per output component c: [C, n, d_out]
+                for name, d in zip(names, d_res):
+                    store[name][0].append(inputs[name].detach())
+                    store[name][1].append(d.movedim(0, 1).detach())  # [n, C, d_out]
+            if rest:  # shared parameters: one cotangent per row (i, c) of the batch
+                _, vjp_r = vjp(lambda *rv: g([deltas0[n] for n in names], rv),
+                               *[theta[index[n]] for n in rest])
+                R = batch.n * C
+                eyeR = torch.eye(R, dtype=obj.dtype, device=obj.device).reshape(R, batch.n, *J.out_shape)
+                for s in range(0, R, 256):
+                    res = vmap(vjp_r)(eyeR[s:s + 256])
+                    rest_rows.append(torch.cat([r.reshape(r.shape[0], -1) for r in res], dim=1).detach())
+    for name, (w, b) in plan.items():
+        a = torch.cat(store[name][0])
+        d = torch.cat(store[name][1])
+        feats.layers[name] = (a, d, w is not None, b is not None)
+    feats.rest = torch.cat(rest_rows) if rest else None
+    return feats
