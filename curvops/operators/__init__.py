@@ -1,5 +1,6 @@
 """Lazy operators: the protocol, the algebra, helpers and the curvature matrices."""
 
+from .activation import ActivationHessian
 from .algebra import as_operator, block_diag, func_operator, restrict, tag
 from .base import Operator, ParamLayout
 from .checks import DeterminismReport, check_deterministic
@@ -14,5 +15,5 @@ from .tags import PSD, SYMMETRIC
 __all__ = [
     "Operator", "ParamLayout", "as_operator", "block_diag", "func_operator", "restrict", "tag",
     "Dense", "Diagonal", "Identity", "LowRank", "Hessian", "GGN", "Fisher", "EmpiricalFisher",
-    "Jacobian", "NTK", "check_deterministic", "DeterminismReport", "PSD", "SYMMETRIC",
+    "Jacobian", "NTK", "ActivationHessian", "check_deterministic", "DeterminismReport", "PSD", "SYMMETRIC",
 ]

@@ -132,6 +132,10 @@ class _Adjoint(Operator):
         super().__init__((N, M), op.torch_dtype, op.device, domain=op.range, range=op.domain)
         self.op = op
 
+    @property
+    def _name(self) -> str:
+        return f"{self.op._name}.T"
+
     def _matmat_torch(self, V):
         return self.op._rmatmat_torch(V)
 

@@ -73,6 +73,11 @@ class Operator(spla.LinearOperator):
             f"{type(self).__name__}: the adjoint product is not implemented for this operator."
         )
 
+    @property
+    def _name(self) -> str:
+        """How error messages name this operator."""
+        return type(self).__name__
+
     # ---- tags ----------------------------------------------------------------------
     @property
     def is_symmetric(self) -> bool:
@@ -102,7 +107,7 @@ class Operator(spla.LinearOperator):
 
     def matmat_torch(self, V: Tensor) -> Tensor:
         """Torch product ``A @ V`` for ``V`` of shape [N] or [N, K]."""
-        api = f"{type(self).__name__} @ v"
+        api = f"{self._name} @ v"
         self._check_torch(V, self.shape[1], api)
         if V.dim() == 1:
             return self._matmat_torch(V[:, None])[:, 0]
@@ -112,7 +117,7 @@ class Operator(spla.LinearOperator):
 
     def rmatmat_torch(self, W: Tensor) -> Tensor:
         """Torch adjoint product ``Aᵀ @ W`` for ``W`` of shape [M] or [M, K]."""
-        api = f"{type(self).__name__}.T @ v"
+        api = f"{self._name}.T @ v"
         self._check_torch(W, self.shape[0], api)
         if W.dim() == 1:
             return self._rmatmat_torch(W[:, None])[:, 0]

@@ -74,8 +74,14 @@ class NTK(Operator):
             raise ValueError(
                 f"NTK.to_dense: the kernel has {M}×{N} = {M * N:,} entries, above max_entries={max_entries:,}."
             )
-        feats1 = _features(self.J1, self.memory_budget)
-        feats2 = feats1 if (feats1 is None or self.J2 is self.J1) else _features(self.J2, self.memory_budget)
+        try:
+            feats1 = _features(self.J1, self.memory_budget)
+        except _NotFactorizable:
+            feats1 = None
+        try:
+            feats2 = feats1 if (feats1 is None or self.J2 is self.J1) else _features(self.J2, self.memory_budget)
+        except _NotFactorizable:
+            feats2 = None
         if feats1 is None or feats2 is None:
             return super().to_dense(max_entries=M * N, chunk=chunk)
         C = self.J1.C
@@ -90,6 +96,10 @@ class NTK(Operator):
             if has_b:
                 K += D
         return K
+
+
+class _NotFactorizable(Exception):
+    """A linear layer runs more than once per forward: its per-sample factorization does not apply."""
 
 
 class _Features:
@@ -156,8 +166,13 @@ def _features(J: Jacobian, budget: int) -> "_Features | None":
                 with torch.no_grad():
                     rec: dict = {}
                     from ._taps import tapped
-                    with tapped({n: modules[n] for n in plan}, record=rec, api="NTK.to_dense"):
-                        obj.forward(theta, batch.x)
+                    try:
+                        with tapped({n: modules[n] for n in plan}, record=rec, api="NTK.to_dense"):
+                            obj.forward(theta, batch.x)
+                    except ValueError as err:
+                        if "more than once" in str(err):
+                            raise _NotFactorizable from err
+                        raise
             finally:
                 for h in hooks:
                     h.remove()
