@@ -24,3 +24,12 @@ def test_hessian_summary_example(capsys):
     exact = re.search(r"exact top-5 \(dense check\): \[([^\]]+)\]", out).group(1).split()
     assert [round(float(a), 4) for a in top] == [round(float(b), 4) for b in exact]
     assert "condition number of GGN" in out
+
+
+def test_ntk_vs_gram_example(tmp_path):
+    mod = runpy.run_path(str(ROOT / "examples" / "ntk_vs_gram.py"), run_name="example")
+    res = mod["main"](str(tmp_path / "fig.png"), num_kernel=40)
+    assert (tmp_path / "fig.png").stat().st_size > 10_000
+    assert res["exact_err"] < 1e-10  # the last layer's kernel is exactly (H Hᵀ + 11ᵀ) ⊗ I
+    assert 0 < res["share"] < 1
+    assert abs(res["top_h"][0] - res["top_g"][0]) < 0.1 * res["top_h"][0]  # near a fit, H ≈ GGN at the top
