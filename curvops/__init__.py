@@ -2,7 +2,7 @@
 
 from .objective import Objective
 from .operators import (
-    ActivationHessian,
+    ActivationHessian, CrossHessian, HessianResidual, OutputHessian, submatrix,
     GGN, PSD, SYMMETRIC, Dense, DeterminismReport, Diagonal, EmpiricalFisher, Fisher, Hessian, Identity,
     Jacobian, NTK, LowRank, Operator, ParamLayout, as_operator, block_diag, check_deterministic, func_operator, restrict, tag,
 )
@@ -10,7 +10,7 @@ from .operators import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Objective", "Operator", "Jacobian", "NTK", "ActivationHessian", "ParamLayout", "Hessian", "GGN", "Fisher", "EmpiricalFisher",
+    "Objective", "Operator", "Jacobian", "NTK", "ActivationHessian", "OutputHessian", "HessianResidual", "CrossHessian", "submatrix", "ParamLayout", "Hessian", "GGN", "Fisher", "EmpiricalFisher",
     "Dense", "Diagonal", "Identity", "LowRank", "as_operator", "block_diag", "func_operator",
     "restrict", "tag", "check_deterministic", "DeterminismReport", "PSD", "SYMMETRIC", "__version__",
 ]

@@ -42,7 +42,8 @@ def _names_in(api: str, which: str, group, layout: ParamLayout) -> ParamLayout:
     unknown = [n for n in items if n not in layout.names]
     if unknown:
         raise ValueError(
-            f"{api}: unknown parameter names {unknown} in {which}=; expected names among {list(layout.names)}."
+            f"{api}: expected {which}= names among {list(layout.names)}, got unknown parameter names {unknown}. "
+            f"Use the operator's parameter names (A.domain.names / A.range.names)."
         )
     return layout.subset(items)
 
@@ -144,7 +145,8 @@ def _group_names(api: str, which: str, group, all_names: Sequence[str], model) -
         if isinstance(item, str):
             if item not in all_names:
                 raise ValueError(
-                    f"{api}: unknown parameter name {item!r} in {which}=; expected names among {list(all_names)}."
+                    f"{api}: expected {which}= names among {list(all_names)}, got unknown parameter name {item!r}. "
+                    f"Use names from model.named_parameters() or pass submodules."
                 )
             chosen.append(item)
         elif isinstance(item, nn.Module):

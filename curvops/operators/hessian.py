@@ -30,7 +30,72 @@ class _GraphCache:
         self.nbytes, self.full = 0, False
 
 
-class Hessian(CurvatureOperator):
+_BATCHED, _LOOP = "reverse-over-reverse, batched columns", "reverse-over-reverse, column loop"
+_SINGLE = "reverse-over-reverse, one column"
+
+
+class ScalarHessian(CurvatureOperator):
+    """Curvature operator whose batch term is the θ-Hessian of a per-batch scalar ``s_b(θ)``
+    (the loss for :class:`Hessian`; ⟨u_b, f⟩ for output Hessians and the Hessian residual).
+
+    Subclasses implement ``_scalar(batch, theta) -> Tensor`` (a 0-dim tensor built from
+    ``self.objective.forward(theta, batch.x)``).  Per batch: one forward, one backward that
+    records its graph (shared by all column chunks), one double-backward per column.
+    """
+
+    def __init__(self, objective: Objective, *, max_columns: int, column_strategy: str):
+        super().__init__(objective, tags=(_tags.SYMMETRIC,), max_columns=max_columns)
+        if column_strategy not in ("auto", "batched", "loop"):
+            raise ValueError(
+                f"{type(self).__name__}: expected column_strategy 'auto', 'batched' or 'loop', "
+                f"got {column_strategy!r}."
+            )
+        # As for Hessian (docs/performance.md): a column loop on one graph is fastest on CPU,
+        # autograd's batched backward on CUDA.
+        if column_strategy == "auto":
+            column_strategy = "batched" if objective.device.type == "cuda" else "loop"
+        self.column_strategy = column_strategy
+        self._batched_ok = column_strategy == "batched"
+
+    def _scalar(self, batch: Batch, theta: Sequence[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def _prepare(self, batch: Batch):
+        theta = [t.detach().requires_grad_() for t in self.objective.theta()]
+        with torch.enable_grad():
+            s = self._scalar(batch, theta)
+            if not s.requires_grad:  # outputs independent of θ: a zero term
+                return theta, [None] * len(theta), []
+            grads = torch.autograd.grad(s, theta, create_graph=True, allow_unused=True)
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        return theta, grads, live
+
+    def _batch_accumulate(self, batch: Batch, Vs: list[Tensor], state, out: list[Tensor], weight: float) -> None:
+        theta, grads, live = state
+        if not live:  # s_b is at most linear in θ: its Hessian is zero
+            return
+        K = Vs[0].shape[0]
+        outs = [grads[i] for i in live]
+        if K > 1 and self._batched_ok:
+            try:
+                res = torch.autograd.grad(outs, theta, [Vs[i] for i in live], retain_graph=True,
+                                          allow_unused=True, is_grads_batched=True)
+                for o, r in zip(out, res):
+                    if r is not None:
+                        o.add_(r, alpha=weight)
+                self.last_path = _BATCHED
+                return
+            except RuntimeError:
+                self._batched_ok = False  # an op without a batching rule: loop from now on
+        for k in range(K):
+            res = torch.autograd.grad(outs, theta, [Vs[i][k] for i in live], retain_graph=True, allow_unused=True)
+            for o, r in zip(out, res):
+                if r is not None:
+                    o[k].add_(r, alpha=weight)
+        self.last_path = _SINGLE if K == 1 else _LOOP
+
+
+class Hessian(ScalarHessian):
     r"""Hessian of the loss over the whole data set.
 
     .. math:: H = \nabla^2_\theta L(\theta) \in \mathbb{R}^{P \times P}
@@ -67,7 +132,7 @@ class Hessian(CurvatureOperator):
                  max_graph_bytes: int = 2**30, max_columns: int = 64, column_strategy: str = "auto",
                  **kwargs):
         objective = make_objective(model_or_objective, loss, data, **kwargs)
-        super().__init__(objective, tags=(_tags.SYMMETRIC,), max_columns=max_columns)
+        super().__init__(objective, max_columns=max_columns, column_strategy=column_strategy)
         self.keep_graphs = keep_graphs
         if keep_graphs and _shuffles(objective.data):
             raise ValueError(
@@ -75,15 +140,6 @@ class Hessian(CurvatureOperator):
                 "the batches of later passes. Use shuffle=False (the operator does not depend on the order)."
             )
         self._cache = _GraphCache(max_graph_bytes) if keep_graphs else None
-        if column_strategy not in ("auto", "batched", "loop"):
-            raise ValueError(f"Hessian: column_strategy must be 'auto', 'batched' or 'loop', got {column_strategy!r}.")
-        # Measured (docs/performance.md): on CPU a loop over the columns on one graph beats
-        # autograd's vmapped backward (1.37 vs 1.63 gradients per column on the MLP anchor);
-        # on CUDA the batched backward wins by keeping the device busy.
-        if column_strategy == "auto":
-            column_strategy = "batched" if objective.device.type == "cuda" else "loop"
-        self.column_strategy = column_strategy
-        self._batched_ok = column_strategy == "batched"
 
     def clear_cache(self) -> None:
         """Drop the kept gradient graphs (frees their memory)."""
@@ -95,70 +151,39 @@ class Hessian(CurvatureOperator):
         """Bytes held by kept gradient graphs (0 without ``keep_graphs``)."""
         return 0 if self._cache is None else self._cache.nbytes
 
-    # -- one batch ---------------------------------------------------------------------
-    def _build_graph(self, batch: Batch, count_bytes: bool):
+    def _scalar(self, batch: Batch, theta) -> Tensor:
         obj = self.objective
-        theta = [t.detach().requires_grad_() for t in obj.theta()]
-        seen: set[int] = set()
-        nbytes = [0]
-
-        def pack(t):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in seen:
-                seen.add(ptr)
-                nbytes[0] += t.untyped_storage().nbytes()
-            return t
-
-        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if count_bytes else _null()
-        with torch.enable_grad(), hooks:
-            value = obj.loss(obj.forward(theta, batch.x), batch.y, batch.index)
-            grads = torch.autograd.grad(value, theta, create_graph=True, allow_unused=True)
-        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        return theta, grads, live, nbytes[0]
-
-    def _double_backward(self, theta, grads, live, Vs: list[Tensor], out: list[Tensor], weight: float) -> None:
-        """out += weight · H_b Vs, one double-backward per column (or one batched backward)."""
-        K = Vs[0].shape[0]
-        if not live:
-            return
-        outs = [grads[i] for i in live]
-        if K > 1 and self._batched_ok:
-            try:
-                res = torch.autograd.grad(outs, theta, [Vs[i] for i in live], retain_graph=True,
-                                          allow_unused=True, is_grads_batched=True)
-                self.last_path = _BATCHED
-                for o, r in zip(out, res):
-                    if r is not None:
-                        o.add_(r, alpha=weight)
-                return
-            except RuntimeError:
-                self._batched_ok = False  # an op without a batching rule: loop from now on
-        for k in range(K):
-            res = torch.autograd.grad(outs, theta, [Vs[i][k] for i in live], retain_graph=True, allow_unused=True)
-            for o, r in zip(out, res):
-                if r is not None:
-                    o[k].add_(r, alpha=weight)
-        self.last_path = _SINGLE if K == 1 else _LOOP
+        return obj.loss(obj.forward(theta, batch.x), batch.y, batch.index)
 
     def _prepare(self, batch: Batch):
         cache = self._cache
         if cache is None:
-            theta, grads, live, _ = self._build_graph(batch, count_bytes=False)
-            return theta, grads, live
+            return super()._prepare(batch)
         entry = cache.entries.get(batch.index)
-        if entry is None:
-            theta, grads, live, nbytes = self._build_graph(batch, count_bytes=not cache.full)
-            entry = (theta, grads, live)
-            if not cache.full and cache.nbytes + nbytes <= cache.max_bytes:
-                cache.entries[batch.index] = entry
-                cache.nbytes += nbytes
-            else:
-                cache.full = True
-        return entry
+        if entry is not None:
+            return entry
+        if cache.full:
+            return super()._prepare(batch)
+        # Count the bytes autograd saves for this batch's graph (unique storages).
+        seen: set[int] = set()
+        nbytes = 0
 
-    def _batch_accumulate(self, batch: Batch, Vs: list[Tensor], state, out: list[Tensor], weight: float) -> None:
-        theta, grads, live = state
-        self._double_backward(theta, grads, live, Vs, out, weight)
+        def pack(t):
+            nonlocal nbytes
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                nbytes += storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            entry = super()._prepare(batch)
+        if cache.nbytes + nbytes <= cache.max_bytes:
+            cache.entries[batch.index] = entry
+            cache.nbytes += nbytes
+        else:
+            cache.full = True
+        return entry
 
     def _matmat_torch(self, V: Tensor) -> Tensor:
         cache = self._cache
@@ -174,11 +199,3 @@ def _shuffles(data) -> bool:
     from torch.utils.data import DataLoader, RandomSampler
 
     return isinstance(data, DataLoader) and isinstance(getattr(data, "sampler", None), RandomSampler)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

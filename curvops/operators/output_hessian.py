@@ -28,71 +28,8 @@ from torch import Tensor
 
 from ..objective import Batch, Objective
 from . import tags as _tags
-from ._curvature import CurvatureOperator, make_objective
-
-_BATCHED, _LOOP = "reverse-over-reverse, batched columns", "reverse-over-reverse, column loop"
-_SINGLE = "reverse-over-reverse, one column"
-
-
-class _ScalarHVP(CurvatureOperator):
-    """Curvature operator whose batch term is the θ-Hessian of a per-batch scalar ``s_b(θ)``.
-
-    Subclasses implement ``_scalar(batch, theta) -> Tensor`` (a 0-dim tensor built from
-    ``self.objective.forward(theta, batch.x)``).  Per batch: one forward, one backward that
-    records its graph (shared by all column chunks), one double-backward per column.
-    """
-
-    def __init__(self, objective: Objective, *, max_columns: int, column_strategy: str):
-        super().__init__(objective, tags=(_tags.SYMMETRIC,), max_columns=max_columns)
-        if column_strategy not in ("auto", "batched", "loop"):
-            raise ValueError(
-                f"{type(self).__name__}: expected column_strategy 'auto', 'batched' or 'loop', "
-                f"got {column_strategy!r}."
-            )
-        # As for Hessian (docs/performance.md): a column loop on one graph is fastest on CPU,
-        # autograd's batched backward on CUDA.
-        if column_strategy == "auto":
-            column_strategy = "batched" if objective.device.type == "cuda" else "loop"
-        self.column_strategy = column_strategy
-        self._batched_ok = column_strategy == "batched"
-
-    def _scalar(self, batch: Batch, theta: Sequence[Tensor]) -> Tensor:
-        raise NotImplementedError
-
-    def _prepare(self, batch: Batch):
-        theta = [t.detach().requires_grad_() for t in self.objective.theta()]
-        with torch.enable_grad():
-            s = self._scalar(batch, theta)
-            if not s.requires_grad:  # outputs independent of θ: a zero term
-                return theta, [None] * len(theta), []
-            grads = torch.autograd.grad(s, theta, create_graph=True, allow_unused=True)
-        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        return theta, grads, live
-
-    def _batch_accumulate(self, batch: Batch, Vs: list[Tensor], state, out: list[Tensor], weight: float) -> None:
-        theta, grads, live = state
-        if not live:  # s_b is at most linear in θ: its Hessian is zero
-            return
-        K = Vs[0].shape[0]
-        outs = [grads[i] for i in live]
-        if K > 1 and self._batched_ok:
-            try:
-                res = torch.autograd.grad(outs, theta, [Vs[i] for i in live], retain_graph=True,
-                                          allow_unused=True, is_grads_batched=True)
-                for o, r in zip(out, res):
-                    if r is not None:
-                        o.add_(r, alpha=weight)
-                self.last_path = _BATCHED
-                return
-            except RuntimeError:
-                self._batched_ok = False  # an op without a batching rule: loop from now on
-        for k in range(K):
-            res = torch.autograd.grad(outs, theta, [Vs[i][k] for i in live], retain_graph=True, allow_unused=True)
-            for o, r in zip(out, res):
-                if r is not None:
-                    o[k].add_(r, alpha=weight)
-        self.last_path = _SINGLE if K == 1 else _LOOP
-
+from ._curvature import make_objective
+from .hessian import ScalarHessian as _ScalarHVP
 
 def _check_output(api: str, out, batch: Batch) -> Tensor:
     if not isinstance(out, Tensor):
