@@ -11,7 +11,7 @@ unless symmetric, ``_rmatmat_torch(W: [M, K]) -> [N, K]``.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import scipy.sparse.linalg as spla

@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 
 from ..objective import Batch, Objective
-from . import tags as _tags
 from ._curvature import make_objective
 from .hessian import ScalarHessian as _ScalarHVP
 
