@@ -234,3 +234,23 @@ def test_bad_modules_and_inputs():
         NTK(model, X, output_reduction="max")
     with pytest.raises(TypeError, match=r"expected \(model, loss, data\)"):
         ActivationHessian(model, None, X, layer="0")
+
+
+def test_ntk_feature_cache_matches_matrix_free_and_follows_parameters():
+    problem = CASES["mlp_ce"].build("mean")
+    X1, X2 = problem.X[:9], problem.X[9:]
+    V = contract.probes(len(X2) * 3, 2)
+    for x2 in (None, X2):
+        cached = NTK(problem.model, X1, x2, batch_size=4)
+        free = NTK(problem.model, X1, x2, batch_size=4, cache_features=False)
+        W = V if x2 is not None else contract.probes(len(X1) * 3, 2)
+        torch.testing.assert_close(cached @ W, free @ W)
+        torch.testing.assert_close(cached.T @ contract.probes(len(X1) * 3, 2), free.T @ contract.probes(len(X1) * 3, 2))
+    K = NTK(problem.model, X1, batch_size=4)
+    W = contract.probes(len(X1) * 3, 1)
+    before = K @ W
+    with torch.no_grad():
+        next(problem.model.parameters()).mul_(1.5)  # an in-place update drops the cached features
+    after = K @ W
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, NTK(problem.model, X1, batch_size=4, cache_features=False) @ W)

@@ -19,9 +19,12 @@ class NTK(Operator):
     Rows/columns are sample-major (``i·C + c``). ``output_reduction="sum"|"mean"`` takes the
     kernel of the per-sample summed / averaged output (N₁×N₂): the C×C structure summed out.
 
-    **Cost**: a product is one VJP pass over X2 (Jᵀ V) and one forward-mode pass over X1 (J ·);
-    blocks of columns are vmapped. :meth:`to_dense` contracts explicit Jacobian blocks within
-    ``memory_budget`` bytes (see there).
+    **Cost**: matrix-free, a product is one VJP pass over X2 (Jᵀ V) and one forward-mode pass over
+    X1 (J ·); blocks of columns are vmapped. With ``cache_features=True`` (default) the first
+    product (or :meth:`to_dense`) collects per-layer features within ``memory_budget`` bytes (one
+    forward and C VJPs per batch, see :meth:`to_dense`); later products are a few small matrix
+    products on them, far cheaper than a pass over the data. The cache is dropped when a
+    parameter or buffer changes in place; models the features do not fit run matrix-free.
 
     **Tags**: symmetric, psd when X2 is None (K(X, X)); none for a cross-kernel.
 
@@ -31,12 +34,13 @@ class NTK(Operator):
         params: parameter selection as in :class:`~curvops.Objective`.
         output_reduction: ``None``, ``"sum"`` or ``"mean"`` over each sample's outputs.
         batch_size: split tensor inputs into batches of this size.
-        memory_budget: bytes the explicit :meth:`to_dense` may use for Jacobian blocks.
+        memory_budget: bytes the per-layer features (and explicit Jacobian rows) may use.
+        cache_features: keep the features between products (see Cost).
     """
 
     def __init__(self, model, X1, X2=None, *, params=None, output_reduction: str | None = None,
                  batch_size: int | None = None, output=None, memory_budget: int = 2**28,
-                 max_columns: int = 256, **kwargs):
+                 cache_features: bool = True, max_columns: int = 256, **kwargs):
         common = dict(params=params, batch_size=batch_size, output=output, **kwargs)
         self.J1 = Jacobian(model, X1, output_reduction=output_reduction, max_columns=max_columns, **common)
         self.J2 = self.J1 if X2 is None else Jacobian(model, X2, output_reduction=output_reduction,
@@ -46,15 +50,41 @@ class NTK(Operator):
         tags = (_tags.PSD,) if X2 is None else ()
         super().__init__((self.J1.shape[0], self.J2.shape[0]), self.J1.torch_dtype, self.J1.device, tags=tags)
         self.memory_budget = int(memory_budget)
+        self.cache_features = cache_features
+        self._cached = None  # (state versions, feats1, feats2) or (versions, None, None) if unfit
 
     @property
     def objective(self):
         return self.J1.objective
 
+    def _features(self):
+        """(feats1, feats2) for the current parameters, or (None, None) when not factorizable."""
+        versions = self.objective.state_versions()
+        if self._cached is not None and self._cached[0] == versions:
+            return self._cached[1], self._cached[2]
+        try:
+            f1 = _features(self.J1, self.memory_budget)
+            f2 = f1 if (f1 is None or self.J2 is self.J1) else _features(self.J2, self.memory_budget)
+        except _NotFactorizable:
+            f1 = f2 = None
+        if f2 is None:
+            f1 = None
+        if self.cache_features:
+            self._cached = (versions, f1, f2)
+        return f1, f2
+
     def _matmat_torch(self, V: Tensor) -> Tensor:
+        if self.cache_features:
+            f1, f2 = self._features()
+            if f1 is not None:
+                return _apply_features(f1, f2, V, self.J1.C)
         return self.J1._matmat_torch(self.J2._rmatmat_torch(V))
 
     def _rmatmat_torch(self, W: Tensor) -> Tensor:
+        if self.cache_features:
+            f1, f2 = self._features()
+            if f1 is not None:
+                return _apply_features(f2, f1, W, self.J1.C)
         return self.J2._matmat_torch(self.J1._rmatmat_torch(W))
 
     def to_dense(self, *, max_entries: int | None = None, chunk: int = 256) -> Tensor:
@@ -74,15 +104,8 @@ class NTK(Operator):
             raise ValueError(
                 f"NTK.to_dense: the kernel has {M}×{N} = {M * N:,} entries, above max_entries={max_entries:,}."
             )
-        try:
-            feats1 = _features(self.J1, self.memory_budget)
-        except _NotFactorizable:
-            feats1 = None
-        try:
-            feats2 = feats1 if (feats1 is None or self.J2 is self.J1) else _features(self.J2, self.memory_budget)
-        except _NotFactorizable:
-            feats2 = None
-        if feats1 is None or feats2 is None:
+        feats1, feats2 = self._features()
+        if feats1 is None:
             return super().to_dense(max_entries=M * N, chunk=chunk)
         C = self.J1.C
         K = feats1.rest @ feats2.rest.T if feats1.rest is not None else torch.zeros(
@@ -96,6 +119,29 @@ class NTK(Operator):
             if has_b:
                 K += D
         return K
+
+
+def _apply_features(f1: "_Features", f2: "_Features", V: Tensor, C: int) -> Tensor:
+    """J₁ J₂ᵀ V from features: J₂ᵀ V per layer is Uᵀa (U_j = Σ_d V_jd δ_jd), then J₁ of that."""
+    N2 = V.shape[0] // C
+    K = V.shape[1]
+    Vr = V.reshape(N2, C, K)
+    out = None
+    for name, (a1, d1, has_w, has_b) in f1.layers.items():
+        a2, d2, _, _ = f2.layers[name]
+        U = torch.bmm(Vr.transpose(1, 2), d2)  # U_j = Σ_c V_jc δ_jc: [N2, K, d_out]
+        term = 0
+        if has_w:
+            GW = U.permute(1, 2, 0) @ a2  # Jᵂᵀ V as K weight gradients [K, d_out, d_in]
+            term = (a1 @ GW.transpose(1, 2)).permute(1, 0, 2)  # G a_i: [N1, K, d_out]
+        if has_b:
+            term = term + U.sum(0)[None]  # bias gradient Σ_j U_j, the same for every sample
+        r = torch.bmm(d1, term.transpose(1, 2)).reshape(-1, K)  # δ_ic · (…): [N1·C, K]
+        out = r if out is None else out + r
+    if f1.rest is not None:
+        r = f1.rest @ (f2.rest.T @ V)
+        out = r if out is None else out + r
+    return out
 
 
 class _NotFactorizable(Exception):
