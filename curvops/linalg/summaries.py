@@ -1,0 +1,416 @@
+r"""One-number summaries of an operator's spectrum: rank, condition number, spectral and nuclear norm.
+
+Each is computed matrix-free from a few extremal eigenvalues (Lanczos, :func:`eigsh`) or a
+stochastic trace, and returns the value with the diagnostics that qualify it: which formula
+applied, how many products it took, whether the eigensolver converged.
+
+Which formula applies follows the operator's *tags* (promises, never guessed from numbers):
+PSD operators use their eigenvalues directly; symmetric ones their eigenvalues' magnitudes;
+anything else (untagged, rectangular) its singular values, through Lanczos on the Gram
+operator $A^\top A$ or $A A^\top$ (whichever is smaller) — mathematically the Golub-Kahan
+bidiagonalization, at two products (one with A, one with Aᵀ) per step.
+
+References:
+    Golub, Kahan (1965). *Calculating the Singular Values and Pseudo-Inverse of a Matrix.*
+    Golub, Van Loan (2013). *Matrix Computations* (4th ed.), §2.4 and §10.
+    Hutchinson (1989). *A Stochastic Estimator of the Trace of the Influence Matrix for Laplacian
+    Smoothing Splines.*
+    Ubaru, Chen, Saad (2017). *Fast Estimation of tr(f(A)) via Stochastic Lanczos Quadrature.*
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .density import slq_trace
+from .lanczos import eigsh, random_block
+
+
+# ---- results ---------------------------------------------------------------------------------
+@dataclass
+class RankResult:
+    """Numerical rank: the number of eigenvalues (singular values) above ``tol``.
+
+    Attributes:
+        value: the rank (a lower bound when ``lower_bound``).
+        tol: the absolute threshold used.
+        lower_bound: all ``k_max`` computed values exceed ``tol``: the rank is at least ``value``.
+        values: the computed magnitudes |λ| (or σ), descending.
+        method: how they were computed.
+        num_matvecs: products with A (a product with Aᵀ counts as one).
+        converged: whether the eigensolver met its tolerance (always True when dense).
+    """
+
+    value: int
+    tol: float
+    lower_bound: bool
+    values: Tensor
+    method: str
+    num_matvecs: int
+    converged: bool
+
+
+@dataclass
+class CondResult:
+    """Condition number, with the eigen/singular values it is made of.
+
+    Attributes:
+        value: the condition number (``inf`` when the smallest value is zero up to rounding).
+        kind: ``"psd"`` ((λ_max+δ)/(λ_min+δ)), ``"symmetric"`` (max|λ+δ| / min|λ+δ|) or
+            ``"general"`` (σ_max/σ_min).
+        largest, smallest: the numerator and denominator.
+        damping: δ.
+        method: how ``smallest`` was found (an extremal eigenvalue, or Lanczos on a squared operator).
+        num_matvecs: products with A (a product with Aᵀ counts as one).
+        converged: whether every eigensolve met its tolerance.
+    """
+
+    value: float
+    kind: str
+    largest: float
+    smallest: float
+    damping: float
+    method: str
+    num_matvecs: int
+    converged: bool
+
+
+@dataclass
+class NormEstimate:
+    """A norm estimate.
+
+    Attributes:
+        value: the estimate.
+        method: how it was computed.
+        num_matvecs: products with A (a product with Aᵀ counts as one).
+        converged: the eigensolver met its tolerance (stochastic estimates: True).
+        stderr: standard error of a stochastic estimate (NaN for deterministic ones).
+        residual: eigen-residual of the extremal pair (NaN for stochastic estimates).
+    """
+
+    value: float
+    method: str
+    num_matvecs: int
+    converged: bool
+    stderr: float = float("nan")
+    residual: float = float("nan")
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def _operator(A, api: str):
+    from ..operators.algebra import as_operator
+
+    A = as_operator(A)
+    if min(A.shape) < 1:
+        raise ValueError(f"{api}: expected a non-empty operator, got shape {tuple(A.shape)}.")
+    return A
+
+
+def _func(shape, fn, A, tags=()):
+    from ..operators.algebra import func_operator
+
+    return func_operator(shape, fn, dtype=A.torch_dtype, device=A.device, tags=tags)
+
+
+def _gram(A):
+    """``AᵀA`` or ``AAᵀ``, whichever is smaller (PSD; its eigenvalues are σ²). Two products per column."""
+    M, N = A.shape
+    if N <= M:
+        return _func((N, N), lambda V: A.T @ (A @ V), A, tags=("psd",))
+    return _func((M, M), lambda W: A @ (A.T @ W), A, tags=("psd",))
+
+
+def _shifted_square(A, damping: float):
+    """``(A + δI)²`` for symmetric A (PSD; eigenvalues (λ+δ)²). Two products per column."""
+    n = A.shape[0]
+
+    def shifted(V):
+        return A @ V + damping * V if damping else A @ V
+
+    return _func((n, n), lambda V: shifted(shifted(V)), A, tags=("psd",))
+
+
+# ---- rank ------------------------------------------------------------------------------------
+def rank(A, tol: float | None = None, *, k_max: int = 100, block_size: int = 4, eig_tol: float = 1e-6,
+         max_iters: int | None = None, generator: torch.Generator | None = None) -> RankResult:
+    r"""Numerical rank: how many eigenvalues (singular values) exceed a threshold.
+
+    .. math:: \operatorname{rank}_\tau(A) = \#\{i : |\lambda_i(A)| > \tau\}
+              \quad(\text{symmetric}),\qquad \#\{i : \sigma_i(A) > \tau\}\quad(\text{otherwise}),
+
+    with default $\tau = \max|\lambda| \cdot \max(M, N) \cdot \epsilon$ (numpy's
+    ``matrix_rank`` convention, ε of ``A.torch_dtype``).
+
+    Small operators (the smaller side ≤ ``k_max + 2·block_size``) are materialized with one
+    block product and decomposed densely: exact.  Otherwise the ``k_max`` largest magnitudes
+    come from block Lanczos (:func:`eigsh`, ``which="LM"``, residuals relative to ‖A‖); exact
+    low rank shows up as an invariant subspace, which Lanczos detects, and the block finds
+    eigenvalues repeated up to ``block_size`` times per Krylov sweep (more through the random
+    restarts after an invariant subspace).  If all k_max exceed τ the rank is only known to be
+    ≥ k_max (``lower_bound``).  Non-symmetric operators go through the Gram operator, whose
+    eigenvalues σ² carry an absolute error of about ε‖A‖²: singular values below
+    $\sqrt{\max(M,N)\,\epsilon}\,\sigma_{\max}$ cannot be told from zero there, and τ is raised
+    to that floor (tag a symmetric operator ``symmetric`` to avoid it).
+
+    **Cost**: dense path: min(M, N) products in one block.  Lanczos path: typically 2–4 ×
+    (k_max + block_size) products (twice that for non-symmetric operators); memory about
+    (3 k_max + 2 block_size) · n entries.  Cheap when the rank is low (the invariant subspace is
+    found at once); when the rank exceeds k_max only a lower bound is returned.
+
+    Args:
+        A: operator, tensor, array or scipy LinearOperator (M × N).
+        tol: absolute threshold τ (default: see above).
+        k_max: largest rank that can be certified.
+        block_size: Lanczos block size (≥ the multiplicity of repeated eigenvalues to count).
+        eig_tol: eigensolver tolerance, relative to ‖A‖.
+        max_iters: Lanczos steps cap (see :func:`eigsh`).
+        generator: random source (reproducibility).
+
+    Returns:
+        :class:`RankResult`.
+
+    Raises:
+        ValueError: bad ``k_max`` / ``tol``, or a product returned NaN/Inf.
+    """
+    api = "rank"
+    A = _operator(A, api)
+    if not isinstance(k_max, int) or k_max < 1:
+        raise ValueError(f"{api}: expected k_max ≥ 1, got {k_max!r}.")
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"{api}: expected tol ≥ 0, got {tol!r}.")
+    M, N = A.shape
+    eps = torch.finfo(A.torch_dtype).eps
+    symmetric = A.is_symmetric
+    floor = 0.0
+    if min(M, N) <= k_max + 2 * block_size:
+        D = _dense(A, api)
+        mags = torch.linalg.eigvalsh((D + D.T) / 2).abs() if symmetric else torch.linalg.svdvals(D)
+        method, mv, converged = f"dense ({min(M, N)} products in one block)", min(M, N), True
+    elif symmetric:
+        res = eigsh(A, k=k_max, which="LM", tol=eig_tol, relative_to="norm", block_size=block_size,
+                    max_iters=max_iters, generator=generator, return_eigenvectors=False)
+        mags, mv, converged = res.eigenvalues.to(torch.float64).abs(), res.num_matvecs, res.converged
+        method = f"block Lanczos (b={block_size}): the {k_max} largest |λ|"
+    else:
+        res = eigsh(_gram(A), k=k_max, which="LA", tol=eig_tol, relative_to="norm", block_size=block_size,
+                    max_iters=max_iters, generator=generator, return_eigenvectors=False)
+        mags, mv, converged = res.eigenvalues.to(torch.float64).clamp_min(0).sqrt(), 2 * res.num_matvecs, res.converged
+        method = f"block Lanczos (b={block_size}) on the Gram operator: the {k_max} largest σ"
+        floor = math.sqrt(max(M, N) * eps) * float(mags.max())
+    mags = torch.sort(mags, descending=True).values
+    if tol is None:
+        tol = float(mags[0]) * max(M, N) * eps if mags.numel() else 0.0
+    tol = max(float(tol), floor)
+    count = int((mags > tol).sum())
+    lower = count == mags.numel() and mags.numel() < min(M, N)
+    return RankResult(value=count, tol=tol, lower_bound=lower, values=mags, method=method,
+                      num_matvecs=mv, converged=converged)
+
+
+def _dense(A, api: str) -> Tensor:
+    """A as a dense float64 matrix from min(M, N) products in one block (Aᵀ when it has fewer rows)."""
+    M, N = A.shape
+    if N <= M:
+        D = A @ torch.eye(N, dtype=A.torch_dtype, device=A.device)
+    else:
+        D = (A.T @ torch.eye(M, dtype=A.torch_dtype, device=A.device)).T
+    if not bool(torch.isfinite(D).all()):
+        raise ValueError(f"{api}: the product A @ I returned NaN or Inf.")
+    return D.to(torch.float64) if D.device.type != "mps" else D
+
+
+# ---- condition number ------------------------------------------------------------------------------
+def cond(A, damping: float = 0.0, *, tol: float = 1e-6, max_iters: int | None = None,
+         generator: torch.Generator | None = None) -> CondResult:
+    r"""Condition number from extremal eigenvalues (or singular values).
+
+    .. math:: \kappa = \frac{\lambda_{\max} + \delta}{\lambda_{\min} + \delta}\ (\text{PSD}),\quad
+              \frac{\max_i |\lambda_i + \delta|}{\min_i |\lambda_i + \delta|}\ (\text{symmetric}),\quad
+              \frac{\sigma_{\max}}{\sigma_{\min}}\ (\text{general}).
+
+    PSD and symmetric operators: both ends of the spectrum by Lanczos (``which="BE"``).  For a
+    symmetric operator whose shifted spectrum has both signs, min|λ+δ| lies inside the
+    spectrum, where Lanczos cannot reach it directly; it is found as the smallest eigenvalue
+    of (A+δI)² — slower to converge (the squared operator's condition number is κ²) and two
+    products per step.  General operators: σ_max and σ_min from the Gram operator (σ_min is
+    the min(M, N)-th singular value).  The smallest value is treated as zero, and the result is
+    ``inf``, when it is below ε^(2/3)·(largest) (the eigensolver's attainable accuracy).
+
+    **Cost**: one :func:`eigsh` with k = 2 (tens to hundreds of products, more when the small
+    end is clustered), plus one on the squared operator for symmetric indefinite operators;
+    products with Gram/squared operators count twice.
+
+    Args:
+        A: operator (tags decide the formula: ``psd``, ``symmetric``, or neither).
+        damping: δ ≥ 0 added to the diagonal (PSD and symmetric operators only).
+        tol: eigensolver tolerance, relative to each eigenvalue.
+        max_iters: Lanczos steps cap per eigensolve.
+        generator: random source (reproducibility).
+
+    Returns:
+        :class:`CondResult` (``kind`` says which formula applied).
+
+    Raises:
+        ValueError: negative damping, damping for a non-symmetric operator, an operator too
+            small for Lanczos (n < 3: use a dense method), or a product returned NaN/Inf.
+    """
+    api = "cond"
+    A = _operator(A, api)
+    if not (damping >= 0 and math.isfinite(damping)):
+        raise ValueError(f"{api}: expected damping ≥ 0, got {damping!r}.")
+    eps23 = torch.finfo(A.torch_dtype).eps ** (2 / 3)
+    kw = dict(tol=tol, max_iters=max_iters, generator=generator, return_eigenvectors=False)
+    if not A.is_symmetric:
+        if damping:
+            raise ValueError(f"{api}: damping applies to symmetric operators; this one is not tagged symmetric "
+                             f"(tag it with curvops.tag(A, 'symmetric') if it is).")
+        op = _gram(A)
+        _check_size(op, api)
+        res = eigsh(op, k=2, which="BE", **kw)
+        lo, hi = (float(v) for v in res.eigenvalues.clamp_min(0).sqrt())
+        return _cond_result(hi, lo, "general", 0.0, "σ from both ends of the Gram operator's spectrum",
+                            2 * res.num_matvecs, res.converged, eps23)
+    _check_size(A, api)
+    res = eigsh(A, k=2, which="BE", **kw)
+    lmin, lmax = (float(v) + damping for v in res.eigenvalues)
+    if A.is_psd:
+        return _cond_result(lmax, lmin, "psd", damping, "both ends of the spectrum", res.num_matvecs,
+                            res.converged, eps23)
+    if lmin > 0 or lmax < 0:  # definite after the shift: the extremes are the smallest and largest |λ|
+        big, small = max(abs(lmin), abs(lmax)), min(abs(lmin), abs(lmax))
+        return _cond_result(big, small, "symmetric", damping, "both ends of the spectrum (definite)",
+                            res.num_matvecs, res.converged, eps23)
+    sq = eigsh(_shifted_square(A, damping), k=1, which="SA", **kw)
+    small = math.sqrt(max(float(sq.eigenvalues[0]), 0.0))
+    return _cond_result(max(abs(lmin), abs(lmax)), small, "symmetric", damping,
+                        "max|λ+δ| from both ends; min|λ+δ| from the smallest eigenvalue of (A+δI)²",
+                        res.num_matvecs + 2 * sq.num_matvecs, res.converged and sq.converged, eps23)
+
+
+def _check_size(op, api: str) -> None:
+    if op.shape[0] < 3:
+        raise ValueError(f"{api}: expected an operator of size ≥ 3 for Lanczos, got shape {tuple(op.shape)}; "
+                         f"use torch.linalg.cond(A.to_dense()).")
+
+
+def _cond_result(largest, smallest, kind, damping, method, mv, converged, eps23) -> CondResult:
+    value = math.inf if smallest <= eps23 * abs(largest) else largest / smallest
+    return CondResult(value=value, kind=kind, largest=largest, smallest=smallest, damping=damping,
+                      method=method, num_matvecs=mv, converged=converged)
+
+
+# ---- norms -----------------------------------------------------------------------------------
+def spectral_norm(A, *, tol: float = 1e-6, max_iters: int | None = None,
+                  generator: torch.Generator | None = None) -> NormEstimate:
+    r"""Spectral norm $\|A\|_2 = \sigma_{\max}(A)$ ($= \max_i |\lambda_i|$ for symmetric A).
+
+    Symmetric (tagged) operators: the largest-magnitude eigenvalue by Lanczos.  Otherwise the
+    largest eigenvalue of the Gram operator (AᵀA or AAᵀ), i.e. Golub-Kahan, and its square root.
+
+    **Cost**: one :func:`eigsh` with k = 1: typically 10–40 products (twice that through the
+    Gram operator; a product with Aᵀ counts as one).
+
+    Args:
+        A: operator, tensor, array or scipy LinearOperator.
+        tol: eigensolver tolerance relative to the eigenvalue (the norm's relative accuracy is
+            about ``tol`` symmetric, ``tol/2`` through the Gram operator).
+        max_iters: Lanczos steps cap.
+        generator: random source (reproducibility).
+
+    Returns:
+        :class:`NormEstimate`.
+    """
+    api = "spectral_norm"
+    A = _operator(A, api)
+    kw = dict(tol=tol, max_iters=max_iters, generator=generator, return_eigenvectors=False)
+    if A.is_symmetric:
+        if A.shape[0] < 2:
+            return _tiny_norm(A)
+        res = eigsh(A, k=1, which="LM", **kw)
+        return NormEstimate(value=abs(float(res.eigenvalues[0])), method="largest |λ| (Lanczos)",
+                          num_matvecs=res.num_matvecs, converged=res.converged, residual=float(res.residuals[0]))
+    op = _gram(A)
+    if op.shape[0] < 2:
+        return _tiny_norm(A)
+    res = eigsh(op, k=1, which="LA", **kw)
+    return NormEstimate(value=math.sqrt(max(float(res.eigenvalues[0]), 0.0)),
+                      method="sqrt of the largest eigenvalue of the Gram operator (Golub-Kahan)",
+                      num_matvecs=2 * res.num_matvecs, converged=res.converged, residual=float(res.residuals[0]))
+
+
+def _tiny_norm(A) -> NormEstimate:
+    M = A @ torch.eye(A.shape[1], dtype=A.torch_dtype, device=A.device)
+    return NormEstimate(value=float(torch.linalg.matrix_norm(M, ord=2)), method="dense (A @ I)",
+                      num_matvecs=A.shape[1], converged=True)
+
+
+def nuclear_norm(A, *, num_matvecs: int = 100, num_probes: int = 30, num_steps: int = 30,
+                 generator: torch.Generator | None = None, trace_method: str = "xtrace",
+                 probe_batch_size: int | None = None) -> NormEstimate:
+    r"""Nuclear norm $\|A\|_* = \sum_i \sigma_i(A)$, estimated stochastically.
+
+    PSD (tagged) operators: $\|A\|_* = \operatorname{tr} A$, estimated by
+    :func:`curvops.linalg.trace.trace` (``trace_method``, default XTrace; exact on low-rank
+    operators with enough products) with ``num_matvecs`` products.  Otherwise
+    $\|A\|_* = \operatorname{tr}(A^\top A)^{1/2}$ by stochastic Lanczos quadrature on the Gram
+    operator with $f(x) = \sqrt{x}$ (``num_probes`` probes × ``num_steps`` steps); √ is not
+    smooth at 0, so operators with many tiny singular values need more steps.
+
+    **Cost**: PSD: ``num_matvecs`` products.  Otherwise ``num_probes × num_steps`` Gram
+    products (2 each: one with A, one with Aᵀ).
+
+    Args:
+        A: operator, tensor, array or scipy LinearOperator.
+        num_matvecs: product budget of the trace estimate (PSD operators).
+        num_probes: random probes of the SLQ estimate (other operators).
+        num_steps: Lanczos steps per probe (other operators).
+        generator: random source (reproducibility).
+        trace_method: method of :func:`~curvops.linalg.trace.trace` for PSD operators.
+        probe_batch_size: SLQ probes per block (default all).
+
+    Returns:
+        :class:`NormEstimate` with ``stderr``.
+
+    Raises:
+        ValueError: bad counts, or a product returned NaN/Inf.
+    """
+    api = "nuclear_norm"
+    A = _operator(A, api)
+    if not isinstance(num_probes, int) or num_probes < 1:
+        raise ValueError(f"{api}: expected num_probes ≥ 1, got {num_probes!r}.")
+    if A.is_psd:
+        try:
+            from .trace import trace
+        except ImportError:  # the trace module is optional here: fall back to plain Hutchinson
+            return _hutchinson(A, num_matvecs, generator, probe_batch_size, api)
+        res = trace(A, method=trace_method, num_matvecs=num_matvecs, generator=generator)
+        return NormEstimate(value=float(res.value), method=f"trace (PSD) by {res.method}",
+                            num_matvecs=res.num_matvecs, converged=True, stderr=float(res.stderr))
+    op = _gram(A)
+
+    def sqrt(x: Tensor) -> Tensor:
+        return x.clamp_min(0).sqrt()
+
+    value, stderr, _, mv = slq_trace(op, sqrt, num_probes=num_probes, num_steps=num_steps, generator=generator,
+                                     probe_batch_size=probe_batch_size, api=api)
+    return NormEstimate(value=value, method="SLQ of tr (AᵀA)^½ on the Gram operator", num_matvecs=2 * mv,
+                        converged=True, stderr=stderr)
+
+
+def _hutchinson(A, num_probes: int, generator, probe_batch_size, api: str) -> NormEstimate:
+    from .lanczos import apply
+
+    n = A.shape[0]
+    batch = num_probes if probe_batch_size is None else int(probe_batch_size)
+    samples = []
+    for start in range(0, num_probes, batch):
+        V = random_block(n, min(batch, num_probes - start), A.torch_dtype, A.device, generator, "rademacher")
+        samples.append((V * apply(A, V, api, start // batch + 1)).sum(dim=0))
+    s = torch.cat(samples).to(torch.float64 if A.device.type != "mps" else torch.float32)
+    stderr = float(s.std() / math.sqrt(num_probes)) if num_probes > 1 else float("nan")
+    return NormEstimate(value=float(s.mean()), method="trace (PSD) by Hutchinson, Rademacher probes",
+                      num_matvecs=num_probes, converged=True, stderr=stderr)

@@ -1,0 +1,205 @@
+"""Spectral summaries: numerical rank, condition number, spectral and nuclear norm.
+
+Designed spectra with known answers (repeated eigenvalues, exact zeros, indefinite, rectangular
+low rank), a curvops GGN against its dense rank, and the documented errors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg as spla
+import torch
+
+import curvops
+from curvops.linalg.summaries import CondResult, NormEstimate, RankResult, cond, nuclear_norm, rank, spectral_norm
+from curvops.testing import contract
+from curvops.testing.zoo import CASES
+
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with contract.single_thread():
+        yield
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def rotated(d: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    Q, _ = torch.linalg.qr(torch.randn(d.numel(), d.numel(), generator=gen(seed), dtype=DT))
+    return (Q * d) @ Q.T
+
+
+def hessian_like(n: int = 300) -> torch.Tensor:
+    """Rank 32: distinct positive values, a 5-fold eigenvalue 2, negative ones, and exact zeros."""
+    return torch.cat([torch.linspace(1, 3, 20, dtype=DT), torch.full((5,), 2.0, dtype=DT),
+                      -torch.linspace(0.5, 1, 7, dtype=DT), torch.zeros(n - 32, dtype=DT)])
+
+
+def low_rank(M: int, N: int, r: int, seed: int = 0) -> torch.Tensor:
+    g = gen(seed)
+    return torch.randn(M, r, generator=g, dtype=DT) @ torch.randn(r, N, generator=g, dtype=DT)
+
+
+# ---- rank ------------------------------------------------------------------------------------
+def test_rank_of_a_symmetric_operator_with_repeated_and_zero_eigenvalues():
+    A = curvops.Dense(rotated(hessian_like()), tags=("symmetric",))
+    res = rank(A, generator=gen(0))
+    assert isinstance(res, RankResult)
+    assert res.value == 32 and not res.lower_bound and res.converged
+    assert "Lanczos" in res.method and res.num_matvecs < 300  # cheaper than densifying
+
+
+def test_rank_of_an_untagged_operator_goes_through_singular_values():
+    res = rank(rotated(hessian_like()), generator=gen(0))  # a plain tensor: no symmetry promised
+    assert res.value == 32 and "Gram" in res.method
+
+
+def test_rank_of_a_projector_counts_every_copy():
+    Q, _ = torch.linalg.qr(torch.randn(300, 7, generator=gen(1), dtype=DT))
+    P = curvops.Dense(Q @ Q.T, tags=("psd",))  # eigenvalue 1 seven times, 0 otherwise
+    assert rank(P, k_max=20, generator=gen(0)).value == 7
+    capped = rank(P, k_max=5, generator=gen(0))
+    assert capped.value == 5 and capped.lower_bound  # rank ≥ 5 is all that 5 eigenvalues can say
+
+
+@pytest.mark.parametrize("shape, r", [((200, 80), 50), ((400, 300), 20), ((150, 400), 25), ((60, 200), 30)])
+def test_rank_of_rectangular_operators_matches_numpy(shape, r):
+    J = low_rank(*shape, r)
+    res = rank(J, k_max=60, generator=gen(0))
+    assert res.value == np.linalg.matrix_rank(J.numpy()) == r and not res.lower_bound
+    assert ("dense" in res.method) == (min(shape) <= 60 + 2 * 4)
+
+
+def test_rank_with_an_explicit_tolerance_and_float32():
+    d = torch.logspace(0, -8, 200, dtype=DT)  # 1 … 1e-8
+    A = curvops.Diagonal(d)
+    res = rank(A, tol=1e-4, k_max=150, generator=gen(0))
+    assert res.value == int((d > 1e-4).sum())
+    res32 = rank(curvops.Diagonal(d.float()), k_max=150, generator=gen(0))  # default τ = 200 · ε₃₂
+    assert res32.value == int((d > 200 * torch.finfo(torch.float32).eps).sum())
+
+
+def test_rank_of_a_curvops_ggn_matches_the_dense_rank():
+    p = CASES["mlp_ce"].build("mean")
+    G = p.build(curvops.GGN)
+    dense = G.to_dense()
+    expected = int(np.linalg.matrix_rank(dense.numpy(), hermitian=True))
+    res = rank(G, k_max=40, generator=gen(0))  # 51 parameters > 40 + 8: the Lanczos path
+    assert "Lanczos" in res.method
+    assert res.value == expected < G.shape[0]
+
+
+def test_rank_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"rank: expected k_max ≥ 1, got 0"):
+        rank(torch.eye(5, dtype=DT), k_max=0)
+    with pytest.raises(ValueError, match=r"rank: expected tol ≥ 0, got -1"):
+        rank(torch.eye(5, dtype=DT), tol=-1.0)
+
+
+# ---- condition number ------------------------------------------------------------------------
+def test_cond_of_a_psd_operator_with_damping():
+    d = torch.linspace(0.01, 5, 300, dtype=DT)
+    A = curvops.Dense(rotated(d), tags=("psd",))
+    res = cond(A, generator=gen(0))
+    assert isinstance(res, CondResult) and res.kind == "psd" and res.converged
+    assert res.value == pytest.approx(500.0, rel=1e-6)
+    damped = cond(A, damping=1.0, generator=gen(0))
+    assert damped.value == pytest.approx(6.0 / 1.01, rel=1e-8) and damped.damping == 1.0
+
+
+def test_cond_of_a_singular_psd_operator_is_infinite():
+    A = curvops.Dense(rotated(torch.cat([torch.linspace(1, 2, 10, dtype=DT), torch.zeros(50, dtype=DT)])),
+                      tags=("psd",))
+    assert cond(A, generator=gen(0)).value == math.inf
+    assert cond(A, damping=0.5, generator=gen(0)).value == pytest.approx(2.5 / 0.5, rel=1e-8)
+
+
+def test_cond_of_a_symmetric_indefinite_operator_uses_magnitudes():
+    d = torch.cat([torch.linspace(0.2, 3, 60, dtype=DT), -torch.linspace(0.1, 2, 60, dtype=DT)])
+    A = curvops.Dense(rotated(d), tags=("symmetric",))
+    res = cond(A, generator=gen(0))
+    assert res.kind == "symmetric" and "(A+δI)²" in res.method and res.converged
+    assert res.value == pytest.approx(3.0 / 0.1, rel=1e-6)
+    assert res.largest == pytest.approx(3.0, rel=1e-8) and res.smallest == pytest.approx(0.1, rel=1e-6)
+    # negative definite: both extremes have one sign, no squared operator needed
+    neg = cond(curvops.Dense(rotated(-torch.linspace(0.5, 4, 80, dtype=DT)), tags=("symmetric",)), generator=gen(0))
+    assert neg.kind == "symmetric" and neg.value == pytest.approx(8.0, rel=1e-8) and "definite" in neg.method
+
+
+def test_cond_of_a_general_operator_uses_singular_values():
+    J = torch.randn(120, 40, generator=gen(3), dtype=DT)
+    res = cond(J, generator=gen(0))
+    assert res.kind == "general"
+    assert res.value == pytest.approx(float(torch.linalg.cond(J)), rel=1e-6)
+
+
+def test_cond_rejects_bad_input():
+    J = torch.randn(20, 10, generator=gen(3), dtype=DT)
+    with pytest.raises(ValueError, match=r"cond: damping applies to symmetric operators"):
+        cond(J, damping=1.0)
+    with pytest.raises(ValueError, match=r"cond: expected damping ≥ 0, got -1"):
+        cond(curvops.Identity(5), damping=-1.0)
+    with pytest.raises(ValueError, match=r"cond: expected an operator of size ≥ 3"):
+        cond(curvops.Identity(2))
+
+
+# ---- norms -----------------------------------------------------------------------------------
+def test_spectral_norm_of_symmetric_and_rectangular_operators():
+    d = torch.cat([torch.tensor([-7.0], dtype=DT), torch.linspace(-1, 5, 99, dtype=DT)])
+    res = spectral_norm(curvops.Dense(rotated(d), tags=("symmetric",)), generator=gen(0))
+    assert isinstance(res, NormEstimate) and res.converged and "|λ|" in res.method
+    assert res.value == pytest.approx(7.0, rel=1e-8)
+    J = torch.randn(90, 60, generator=gen(4), dtype=DT)
+    for given in (J, spla.aslinearoperator(J.numpy()), J.T):
+        out = spectral_norm(given, generator=gen(0))
+        assert out.value == pytest.approx(float(torch.linalg.matrix_norm(J, ord=2)), rel=1e-8)
+        assert "Gram" in out.method
+
+
+def test_norm_and_cond_of_a_curvops_hessian_match_dense():
+    p = CASES["mlp_ce"].build("mean")
+    H = p.build(curvops.Hessian)  # tagged symmetric, indefinite
+    lam = torch.linalg.eigvalsh(H.to_dense())
+    assert spectral_norm(H, generator=gen(0)).value == pytest.approx(float(lam.abs().max()), rel=1e-8)
+    res = cond(H, damping=0.0, generator=gen(0))
+    assert res.kind == "symmetric" and res.converged
+    assert res.largest == pytest.approx(float(lam.abs().max()), rel=1e-8)
+    assert res.smallest == pytest.approx(float(lam.abs().min()), rel=1e-4, abs=1e-12)
+
+
+def test_nuclear_norm_of_a_psd_operator_is_its_trace():
+    d = torch.linspace(0.01, 5, 300, dtype=DT)
+    A = curvops.Dense(rotated(d), tags=("psd",))
+    res = nuclear_norm(A, num_matvecs=60, generator=gen(0))
+    assert res.num_matvecs <= 60 and "trace" in res.method
+    assert abs(res.value - float(d.sum())) <= 4 * res.stderr + 1e-9 * float(d.sum())
+    assert res.stderr <= 0.02 * float(d.sum())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_nuclear_norm_of_indefinite_and_rectangular_operators(seed):
+    # Target: within 4 standard errors and 4 % (30 probes × 40 steps of SLQ on the Gram operator).
+    d = torch.cat([torch.linspace(0.2, 3, 100, dtype=DT), -torch.linspace(0.1, 2, 100, dtype=DT)])
+    A = curvops.Dense(rotated(d), tags=("symmetric",))
+    J = torch.randn(150, 100, generator=gen(5), dtype=DT)
+    for op, exact in ((A, float(d.abs().sum())), (J, float(torch.linalg.svdvals(J).sum()))):
+        res = nuclear_norm(op, num_probes=30, num_steps=40, generator=gen(seed))
+        assert "SLQ" in res.method and res.num_matvecs == 2 * 30 * 40
+        assert abs(res.value - exact) <= 4 * res.stderr
+        assert abs(res.value - exact) <= 0.04 * exact
+
+
+def test_summaries_are_reproducible_with_a_generator():
+    A = curvops.Dense(rotated(torch.linspace(-1, 4, 120, dtype=DT)), tags=("symmetric",))
+    assert spectral_norm(A, tol=1e-3, generator=gen(9)) == spectral_norm(A, tol=1e-3, generator=gen(9))
+    r1 = nuclear_norm(A, num_probes=5, num_steps=10, generator=gen(9))
+    r2 = nuclear_norm(A, num_probes=5, num_steps=10, generator=gen(9))
+    assert r1.value == r2.value
+    assert nuclear_norm(A, num_probes=5, num_steps=10, generator=gen(10)).value != r1.value

@@ -1,0 +1,143 @@
+"""Randomized SVD and Nyström: exact cases, accuracy against dense factorizations, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import curvops
+from curvops.linalg.svd import nystrom, randomized_svd
+
+DT = torch.float64
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def with_singular_values(M: int, N: int, s: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    U, _ = torch.linalg.qr(torch.randn(M, s.numel(), generator=gen(seed), dtype=DT))
+    V, _ = torch.linalg.qr(torch.randn(N, s.numel(), generator=gen(seed + 1), dtype=DT))
+    return (U * s) @ V.T
+
+
+def counting(A: torch.Tensor, tags=()):
+    calls = []
+
+    def mm(V, M=A, side="A"):
+        calls.append((side, V.shape[1]))
+        return M @ V
+
+    op = curvops.func_operator(tuple(A.shape), mm, lambda W: mm(W, A.T, "A.T"), dtype=A.dtype, tags=tags)
+    return op, calls
+
+
+# ---- randomized SVD ---------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(90, 40), (40, 90)])
+def test_randomized_svd_exact_on_low_rank(shape):
+    J = with_singular_values(*shape, torch.tensor([5.0, 2.0, 1.0, 0.5], dtype=DT))
+    res = randomized_svd(curvops.Dense(J), 4, oversample=2, power_iters=0, generator=gen())
+    torch.testing.assert_close(res.operator.to_dense(), J, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(res.S, torch.tensor([5.0, 2.0, 1.0, 0.5], dtype=DT), rtol=1e-12, atol=1e-12)
+    assert res.U.shape == (shape[0], 4) and res.V.shape == (shape[1], 4)
+    torch.testing.assert_close(res.U.T @ res.U, torch.eye(4, dtype=DT), rtol=0, atol=1e-12)
+    assert isinstance(res.operator, curvops.LowRank) and res.operator.shape == shape
+
+
+def test_randomized_svd_accuracy_and_cost():
+    s = 0.7 ** torch.arange(60, dtype=DT)
+    J = with_singular_values(200, 60, s, seed=3)
+    op, calls = counting(J)
+    res = randomized_svd(op, 6, oversample=8, power_iters=2, generator=gen(1))
+    # Target: top-6 singular values to 1e-8, spectral error within 1 % of the optimum σ₇.
+    torch.testing.assert_close(res.S, s[:6], rtol=1e-8, atol=0)
+    assert float(torch.linalg.matrix_norm(J - res.operator.to_dense(), 2)) <= 1.01 * float(s[6])
+    assert res.num_matvecs == 14 * 6 and sum(k for _, k in calls) == 84
+    assert [side for side, _ in calls] == ["A", "A.T", "A", "A.T", "A", "A.T"]
+
+
+def test_randomized_svd_of_a_jacobian():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).to(DT)
+    X = torch.randn(20, 3, generator=gen(4), dtype=DT)
+    J = curvops.Jacobian(model, X)
+    dense = J.to_dense()
+    res = randomized_svd(J, 5, power_iters=3, generator=gen())
+    torch.testing.assert_close(res.S, torch.linalg.svdvals(dense)[:5], rtol=1e-9, atol=1e-12)
+
+
+def test_randomized_svd_reproducible():
+    J = torch.randn(50, 30, generator=gen(), dtype=DT)
+    a = randomized_svd(J, 3, generator=gen(9))
+    b = randomized_svd(J, 3, generator=gen(9))
+    assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S)
+
+
+# ---- Nyström ------------------------------------------------------------------------------
+def psd(lam: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    Q, _ = torch.linalg.qr(torch.randn(lam.numel(), lam.numel(), generator=gen(seed), dtype=DT))
+    A = (Q * lam) @ Q.T
+    return (A + A.T) / 2
+
+
+def test_nystrom_exact_on_low_rank_psd():
+    lam = torch.cat([torch.tensor([4.0, 2.0, 1.0, 0.25], dtype=DT), torch.zeros(56, dtype=DT)])
+    A = psd(lam)
+    res = nystrom(curvops.Dense(A, tags=("psd",)), 4, oversample=3, generator=gen())
+    torch.testing.assert_close(res.operator.to_dense(), A, rtol=1e-10, atol=1e-12)
+    assert res.operator.is_psd and res.V is None and res.num_matvecs == 7
+
+
+def test_nystrom_accuracy_single_pass():
+    lam = 0.6 ** torch.arange(100, dtype=DT)
+    A = psd(lam, seed=2)
+    op, calls = counting(A, tags=("psd",))
+    res = nystrom(op, 10, oversample=10, generator=gen())
+    assert calls == [("A", 20)]
+    torch.testing.assert_close(res.S[:5], lam[:5], rtol=1e-2, atol=0)  # single pass: errors ~ λ_ℓ/2 ... λ_k
+    assert float(torch.linalg.matrix_norm(A - res.operator.to_dense(), 2)) <= 1.05 * float(lam[10])
+    assert bool((res.S >= 0).all()) and res.shift > 0
+
+
+def test_nystrom_power_iterations_help_slow_decay():
+    lam = 1.0 / (1.0 + torch.arange(120, dtype=DT))
+    A = psd(lam, seed=4)
+    err = [float(torch.linalg.matrix_norm(A - nystrom(curvops.Dense(A, tags=("psd",)), 8, power_iters=q,
+                                                      generator=gen()).operator.to_dense(), 2)) for q in (0, 2)]
+    assert err[1] < 0.7 * err[0]
+
+
+def test_nystrom_float32_operator():
+    lam = 0.5 ** torch.arange(50, dtype=DT)
+    A = psd(lam).float()
+    res = nystrom(curvops.Dense(A, tags=("psd",)), 5, generator=gen())
+    ref = nystrom(curvops.Dense(A.double(), tags=("psd",)), 5, generator=gen())  # same sketch, float64 products
+    assert res.S.dtype == torch.float32 and res.shift > 10 * ref.shift  # ε of the operator's dtype
+    torch.testing.assert_close(res.S, ref.S.float(), rtol=2e-3, atol=1e-6)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match=r"randomized_svd: expected 1 <= rank <= 3 \(the smaller dimension\), got 4"):
+        randomized_svd(torch.ones(5, 3, dtype=DT), 4)
+    with pytest.raises(TypeError, match="expected an integer rank"):
+        randomized_svd(torch.ones(5, 3, dtype=DT), 2.0)
+    with pytest.raises(ValueError, match="non-negative integer power_iters"):
+        randomized_svd(torch.ones(5, 3, dtype=DT), 2, power_iters=-1)
+    with pytest.raises(ValueError, match=r"nystrom: expected a PSD operator \(tag 'psd'\)"):
+        nystrom(curvops.Dense(torch.eye(4, dtype=DT), tags=("symmetric",)), 2)
+    with pytest.raises(ValueError, match="nystrom: expected a square operator"):
+        nystrom(curvops.Dense(torch.ones(4, 3, dtype=DT)), 2, assume_psd=True)
+    no_adjoint = curvops.func_operator((6, 4), lambda V: torch.ones(6, V.shape[1], dtype=DT), dtype=DT)
+    with pytest.raises(NotImplementedError, match="adjoint"):
+        randomized_svd(no_adjoint, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_gpu():
+    J = with_singular_values(80, 30, torch.tensor([3.0, 2.0, 1.0], dtype=DT)).cuda()
+    res = randomized_svd(curvops.Dense(J), 3, generator=gen())
+    assert res.U.device.type == "cuda" and res.operator.device.type == "cuda"
+    torch.testing.assert_close(res.operator.to_dense(), J, rtol=1e-10, atol=1e-12)
+    A = J.T @ J
+    ny = nystrom(curvops.Dense(A, tags=("psd",)), 3, generator=torch.Generator(device="cuda").manual_seed(0))
+    torch.testing.assert_close(ny.operator.to_dense(), A, rtol=1e-9, atol=1e-10)
