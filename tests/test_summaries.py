@@ -171,7 +171,9 @@ def test_norm_and_cond_of_a_curvops_hessian_match_dense():
     res = cond(H, damping=0.0, generator=gen(0))
     assert res.kind == "symmetric" and res.converged
     assert res.largest == pytest.approx(float(lam.abs().max()), rel=1e-8)
-    assert res.smallest == pytest.approx(float(lam.abs().min()), rel=1e-4, abs=1e-12)
+    # The smallest |λ| is an exact zero here (softmax shift invariance); Lanczos resolves it to the
+    # residual tolerance relative to the spectrum's scale, which depends on the BLAS's rounding.
+    assert res.smallest == pytest.approx(float(lam.abs().min()), rel=1e-4, abs=1e-6 * float(lam.abs().max()))
 
 
 def test_nuclear_norm_of_a_psd_operator_is_its_trace():
