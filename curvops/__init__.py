@@ -8,7 +8,7 @@ from .linalg import (
 )
 from .objective import Objective
 from .operators import (
-    ActivationHessian, CrossHessian, HessianResidual, OutputHessian, submatrix,
+    ActivationHessian, CrossHessian, GradientCovariance, HessianResidual, OutputHessian, submatrix,
     GGN, PSD, SYMMETRIC, Dense, DeterminismReport, Diagonal, EmpiricalFisher, Fisher, Hessian, Identity,
     Jacobian, NTK, LowRank, Operator, ParamLayout, as_operator, block_diag, check_deterministic, func_operator, restrict, tag,
 )
@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "linalg", "eigsh", "spectral_density", "logdet", "trace", "frobenius_norm", "diagonal", "randomized_svd",
     "nystrom", "solve", "inverse", "rank", "cond", "spectral_norm", "classify_stationary_point",
-    "Objective", "Operator", "Jacobian", "NTK", "ActivationHessian", "OutputHessian", "HessianResidual", "CrossHessian", "submatrix", "ParamLayout", "Hessian", "GGN", "Fisher", "EmpiricalFisher",
+    "Objective", "Operator", "Jacobian", "NTK", "GradientCovariance", "ActivationHessian", "OutputHessian", "HessianResidual", "CrossHessian", "submatrix", "ParamLayout", "Hessian", "GGN", "Fisher", "EmpiricalFisher",
     "Dense", "Diagonal", "Identity", "LowRank", "as_operator", "block_diag", "func_operator",
     "restrict", "tag", "check_deterministic", "DeterminismReport", "PSD", "SYMMETRIC", "__version__",
 ]
