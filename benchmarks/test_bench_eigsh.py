@@ -39,12 +39,14 @@ def test_top_eigenvalues(benchmark, setup, key):
     fn = dict((k, f) for k, _, f in B.methods(K, TOL))[key]
     benchmark.group = "eigsh top-10, mlp"
     vals, products, note = benchmark.pedantic(lambda: fn(w), rounds=1, iterations=1)
-    relerr = max(abs(a - b) / abs(b) for a, b in zip(vals, ref))
-    benchmark.extra_info.update(products=products, relerr=relerr, note=note)
+    relerr = B.relative_error(vals, ref)
+    duplicates, spurious = B.anomalies(vals, ref)
+    benchmark.extra_info.update(products=products, relerr=relerr, duplicates=duplicates, spurious=spurious,
+                                note=note)
     if benchmark.stats is not None:
         benchmark.extra_info["ratio_to_gradient"] = benchmark.stats.stats.median / grad_s
     if key.startswith("curvops"):
-        assert note == "" and relerr <= B.TARGET_RELERR
+        assert note == "" and relerr <= B.TARGET_RELERR and duplicates == spurious == 0
 
 
 def test_hessian_eigenthings_is_reported():

@@ -1,9 +1,9 @@
 """curvops: the curvature of any PyTorch model as lazy, matrix-free operators."""
 
 from . import linalg
-from .analysis import classify_stationary_point
+from .analysis import StationaryPointResult, classify_stationary_point
 from .linalg import (
-    cond, diagonal, eigsh, frobenius_norm, inverse, logdet, nystrom, randomized_svd, rank, solve,
+    cond, diagonal, eigsh, nuclear_norm, frobenius_norm, inverse, logdet, nystrom, randomized_svd, rank, solve,
     spectral_density, spectral_norm, trace,
 )
 from .objective import Objective
@@ -17,7 +17,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "linalg", "eigsh", "spectral_density", "logdet", "trace", "frobenius_norm", "diagonal", "randomized_svd",
-    "nystrom", "solve", "inverse", "rank", "cond", "spectral_norm", "classify_stationary_point",
+    "nystrom", "solve", "inverse", "rank", "cond", "spectral_norm", "nuclear_norm", "classify_stationary_point",
+    "StationaryPointResult",
     "Objective", "Operator", "Jacobian", "NTK", "GradientCovariance", "ActivationHessian", "OutputHessian", "HessianResidual", "CrossHessian", "submatrix", "ParamLayout", "Hessian", "GGN", "Fisher", "EmpiricalFisher",
     "Dense", "Diagonal", "Identity", "LowRank", "as_operator", "block_diag", "func_operator",
     "restrict", "tag", "check_deterministic", "DeterminismReport", "PSD", "SYMMETRIC", "__version__",

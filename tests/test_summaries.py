@@ -171,9 +171,11 @@ def test_norm_and_cond_of_a_curvops_hessian_match_dense():
     res = cond(H, damping=0.0, generator=gen(0))
     assert res.kind == "symmetric" and res.converged
     assert res.largest == pytest.approx(float(lam.abs().max()), rel=1e-8)
-    # The smallest |λ| is an exact zero here (softmax shift invariance); Lanczos resolves it to the
-    # residual tolerance relative to the spectrum's scale, which depends on the BLAS's rounding.
-    assert res.smallest == pytest.approx(float(lam.abs().min()), rel=1e-4, abs=1e-6 * float(lam.abs().max()))
+    # The smallest |λ| is an exact zero here (softmax shift invariance). Through H² it is resolved
+    # only to ε^(1/3)·max|λ| ≈ 6e-6·max|λ| (how close to 0 depends on the BLAS's rounding), and
+    # anything below that counts as zero: the condition number is infinite.
+    assert float(lam.abs().min()) < 1e-12 * float(lam.abs().max())
+    assert res.value == math.inf and res.smallest <= 6.1e-6 * res.largest
 
 
 def test_nuclear_norm_of_a_psd_operator_is_its_trace():

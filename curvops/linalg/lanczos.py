@@ -311,12 +311,15 @@ def eigsh(A, k: int = 6, *, which: str = "LA", tol: float = 1e-6, relative_to: s
     couplings to the last residual block, and the expansion continues from that block — no
     product is repeated.  A pair has converged when its residual satisfies
 
-    .. math:: \|A x_i - \theta_i x_i\| \le \max(\text{tol}\,|\theta_i|,\ \epsilon^{2/3} \|A\|)
+    .. math:: \|A x_i - \theta_i x_i\| \le \text{tol} \cdot \max(|\theta_i|,\ \epsilon^{2/3} \|A\|)
               \quad(\text{relative\_to="eigenvalue"}),\qquad
               \|A x_i - \theta_i x_i\| \le \text{tol}\,\|A\|\quad(\text{"norm"}),
 
     with $\|A\|$ estimated by the largest Ritz value and product column seen, and $\epsilon$ the
-    machine epsilon of ``A.torch_dtype`` (the floor lets zero eigenvalues converge).  Since a
+    machine epsilon of ``A.torch_dtype`` (ARPACK's rule, made scale-free).  A Ritz value with
+    $|\theta_i| \le \epsilon^{2/3}\|A\|$ is also accepted once its residual is below
+    $\epsilon^{2/3}\|A\|$: it is zero to working accuracy (a relative accuracy would never be
+    reached), and is returned with that absolute accuracy.  Since a
     residual ‖r‖ puts an eigenvalue within ‖r‖ of θ (and within ‖r‖²/gap), ``tol`` bounds the
     relative eigenvalue error.  Convergence is checked after every step, so the solve stops
     as soon as all k pairs are converged.
@@ -449,12 +452,13 @@ def eigsh(A, k: int = 6, *, which: str = "LA", tol: float = 1e-6, relative_to: s
             anorm = max(anorm, float(theta.abs().max()))
             order = _order(theta, which)
             wanted = order[:k]
-            lam = theta[wanted].abs()
+            lam, r = theta[wanted].abs(), res[wanted]
             if relative_to == "eigenvalue":
-                bound = (tol * lam).clamp_min(eps ** (2 / 3) * anorm)
+                zero = eps ** (2 / 3) * anorm  # |θ| and ‖r‖ below this: zero to working accuracy
+                ok = (r <= tol * lam.clamp_min(zero)) | ((lam <= zero) & (r <= zero))
             else:
-                bound = torch.full_like(lam, tol * anorm)
-            converged = bool((res[wanted] <= bound).all()) and not blind
+                ok = r <= tol * anorm
+            converged = bool(ok.all()) and not blind
             if converged or it >= max_iters:
                 break
         if not full:

@@ -238,7 +238,8 @@ def cond(A, damping: float = 0.0, *, tol: float = 1e-6, max_iters: int | None = 
     of (A+δI)² — slower to converge (the squared operator's condition number is κ²) and two
     products per step.  General operators: σ_max and σ_min from the Gram operator (σ_min is
     the min(M, N)-th singular value).  The smallest value is treated as zero, and the result is
-    ``inf``, when it is below ε^(2/3)·(largest) (the eigensolver's attainable accuracy).
+    ``inf``, when it is below what the eigensolve resolves: ε^(2/3)·(largest) from the
+    spectrum's ends, ε^(1/3)·(largest) through a squared or Gram operator.
 
     **Cost**: one :func:`eigsh` with k = 2 (tens to hundreds of products, more when the small
     end is clustered), plus one on the squared operator for symmetric indefinite operators;
@@ -273,7 +274,7 @@ def cond(A, damping: float = 0.0, *, tol: float = 1e-6, max_iters: int | None = 
         res = eigsh(op, k=2, which="BE", **kw)
         lo, hi = (float(v) for v in res.eigenvalues.clamp_min(0).sqrt())
         return _cond_result(hi, lo, "general", 0.0, "σ from both ends of the Gram operator's spectrum",
-                            2 * res.num_matvecs, res.converged, eps23)
+                            2 * res.num_matvecs, res.converged, math.sqrt(eps23))
     _check_size(A, api)
     res = eigsh(A, k=2, which="BE", **kw)
     lmin, lmax = (float(v) + damping for v in res.eigenvalues)
@@ -286,9 +287,10 @@ def cond(A, damping: float = 0.0, *, tol: float = 1e-6, max_iters: int | None = 
                             res.num_matvecs, res.converged, eps23)
     sq = eigsh(_shifted_square(A, damping), k=1, which="SA", **kw)
     small = math.sqrt(max(float(sq.eigenvalues[0]), 0.0))
+    # (A+δI)² resolves its eigenvalues to ε^(2/3)·max², hence min|λ+δ| only to ε^(1/3)·max.
     return _cond_result(max(abs(lmin), abs(lmax)), small, "symmetric", damping,
                         "max|λ+δ| from both ends; min|λ+δ| from the smallest eigenvalue of (A+δI)²",
-                        res.num_matvecs + 2 * sq.num_matvecs, res.converged and sq.converged, eps23)
+                        res.num_matvecs + 2 * sq.num_matvecs, res.converged and sq.converged, math.sqrt(eps23))
 
 
 def _check_size(op, api: str) -> None:
@@ -297,8 +299,9 @@ def _check_size(op, api: str) -> None:
                          f"use torch.linalg.cond(A.to_dense()).")
 
 
-def _cond_result(largest, smallest, kind, damping, method, mv, converged, eps23) -> CondResult:
-    value = math.inf if smallest <= eps23 * abs(largest) else largest / smallest
+def _cond_result(largest, smallest, kind, damping, method, mv, converged, resolution) -> CondResult:
+    """``inf`` when ``smallest`` is below what the eigensolve resolves (``resolution · largest``)."""
+    value = math.inf if smallest <= resolution * abs(largest) else largest / smallest
     return CondResult(value=value, kind=kind, largest=largest, smallest=smallest, damping=damping,
                       method=method, num_matvecs=mv, converged=converged)
 
