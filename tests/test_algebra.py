@@ -20,12 +20,6 @@ HESSIAN_CASE = "function_ce"  # indefinite Hessian, P = 35
 P = 35
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with contract.single_thread():
-        yield
-
-
 def _rand(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 

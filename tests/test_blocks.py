@@ -15,12 +15,6 @@ from curvops.testing import contract, oracles
 from curvops.testing.zoo import CASES, as_dataloader
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with contract.single_thread():
-        yield
-
-
 @functools.lru_cache(maxsize=None)
 def dense(kind: str, case: str, reduction: str = "mean") -> torch.Tensor:
     return oracles.ORACLES[kind](CASES[case].build(reduction))

@@ -25,12 +25,6 @@ GRID = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with contract.single_thread():
-        yield
-
-
 @functools.lru_cache(maxsize=None)
 def dense(op: str, case: str, reduction: str) -> torch.Tensor:
     """The dense oracle of a fresh build (cached; never mutate the result)."""

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from torch.func import jacrev, vmap
+from torch.func import jacrev
 
 import curvops
 from curvops import EmpiricalFisher, GradientCovariance
@@ -10,12 +10,6 @@ from curvops.testing import contract, oracles
 from curvops.testing.zoo import CASES
 
 D = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with contract.single_thread():
-        yield
 
 
 def per_sample_gradients(problem, g=None):

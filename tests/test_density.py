@@ -13,24 +13,9 @@ import torch
 import curvops
 from curvops.linalg.density import DensityResult, LogdetResult, gaussian_density, logdet, spectral_density
 from curvops.linalg.lanczos import random_block
-from curvops.testing import contract
+from curvops.testing.spectra import gen, with_spectrum as rotated
 
 DT = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with contract.single_thread():
-        yield
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def rotated(d: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    Q, _ = torch.linalg.qr(torch.randn(d.numel(), d.numel(), generator=gen(seed), dtype=DT))
-    return (Q * d) @ Q.T
 
 
 def hessian_like(n: int = 400) -> torch.Tensor:

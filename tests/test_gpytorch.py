@@ -13,6 +13,7 @@ linear_operator = pytest.importorskip("linear_operator")
 
 import curvops  # noqa: E402
 from curvops.interop.gpytorch import CurvopsLinearOperator, NTKKernel, to_linear_operator  # noqa: E402
+from curvops.testing.spectra import gen
 from linear_operator.operators import DenseLinearOperator  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore:CG terminated in"),
@@ -20,10 +21,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore:CG terminated in"),
 
 DT = torch.float64
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def spd(n: int = 40, seed: int = 0) -> torch.Tensor:

@@ -7,19 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
-import curvops
 from curvops import NTK, ActivationHessian, Jacobian
 from curvops.testing import contract, oracles
 from curvops.testing.zoo import CASES
 
 D = torch.float64
 PARAM_CASES = ["linear_mse", "mlp_ce", "conv_ce", "dict_mse", "bn_eval_mse", "function_ce", "mlp_bce"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with contract.single_thread():
-        yield
 
 
 def exercise(A):

@@ -14,26 +14,10 @@ import torch
 
 import curvops
 from curvops.linalg.lanczos import EighResult, eigsh, lanczos, tridiagonal
-from curvops.testing import contract
 from curvops.testing.zoo import CASES
+from curvops.testing.spectra import gen, with_spectrum as rotated
 
 DT = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with contract.single_thread():
-        yield
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def rotated(d: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """Q diag(d) Qᵀ with a seeded random orthogonal Q: a dense symmetric matrix with spectrum d."""
-    Q, _ = torch.linalg.qr(torch.randn(d.numel(), d.numel(), generator=gen(seed), dtype=DT))
-    return (Q * d) @ Q.T
 
 
 def spectrum(name: str, n: int = 120) -> torch.Tensor:

@@ -19,12 +19,6 @@ REDUCTIONS = ("mean", "sum")
 GRID = [pytest.param(c, r, id=f"{c}-{r}") for c in CASES for r in REDUCTIONS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with contract.single_thread():
-        yield
-
-
 # ---- oracles (torch.func on the concatenated data; no code shared with the operators) -----
 def _outputs(problem):
     return oracles.forward(problem, oracles.flat_params(problem), problem.X).detach()

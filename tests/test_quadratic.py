@@ -12,20 +12,10 @@ import torch
 import curvops
 from curvops.analysis import classify_stationary_point
 from curvops.analysis.quadratic import QuadraticModel, QuadraticStability, QuadraticStationaryPoints
-from curvops.testing import contract
+from curvops.testing.spectra import gen
 
 DT = torch.float64
 N = 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with contract.single_thread():
-        yield
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def rotation(n: int = N, seed: int = 0) -> torch.Tensor:

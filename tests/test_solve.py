@@ -13,19 +13,9 @@ from curvops.linalg.solve import (
 )
 from curvops.testing import oracles
 from curvops.testing.zoo import CASES
+from curvops.testing.spectra import gen, with_spectrum as designed
 
 DT = torch.float64
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def designed(lam, seed: int = 0) -> torch.Tensor:
-    lam = torch.as_tensor(lam, dtype=DT)
-    Q, _ = torch.linalg.qr(torch.randn(lam.numel(), lam.numel(), generator=gen(seed), dtype=DT))
-    A = (Q * lam) @ Q.T
-    return (A + A.T) / 2
 
 
 def rhs(n: int, k: int | None = None, seed: int = 1) -> torch.Tensor:

@@ -12,26 +12,11 @@ from torch import nn
 
 import curvops
 from curvops.analysis import StationaryPointResult, classify_stationary_point
-from curvops.testing import contract
 from curvops.testing.zoo import CASES
+from curvops.testing.spectra import gen, with_spectrum as rotated
 
 DT = torch.float64
 N = 60
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with contract.single_thread():
-        yield
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def rotated(d: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    Q, _ = torch.linalg.qr(torch.randn(d.numel(), d.numel(), generator=gen(seed), dtype=DT))
-    return (Q * d) @ Q.T
 
 
 SPECTRA = {  # name: (eigenvalues, expected kind)

@@ -7,12 +7,9 @@ import torch
 
 import curvops
 from curvops.linalg.svd import nystrom, randomized_svd
+from curvops.testing.spectra import gen
 
 DT = torch.float64
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def with_singular_values(M: int, N: int, s: torch.Tensor, seed: int = 0) -> torch.Tensor:

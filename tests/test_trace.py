@@ -13,20 +13,9 @@ import curvops
 from curvops.linalg.trace import frobenius_norm, trace
 from curvops.testing import oracles
 from curvops.testing.zoo import CASES
+from curvops.testing.spectra import gen, with_spectrum as designed
 
 DT = torch.float64
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def designed(eigenvalues, seed: int = 0) -> torch.Tensor:
-    """Q diag(λ) Qᵀ with a random orthogonal Q."""
-    lam = torch.as_tensor(eigenvalues, dtype=DT)
-    Q, _ = torch.linalg.qr(torch.randn(lam.numel(), lam.numel(), generator=gen(seed), dtype=DT))
-    A = (Q * lam) @ Q.T
-    return (A + A.T) / 2
 
 
 def low_rank(n: int, r: int, seed: int = 0, symmetric: bool = True) -> torch.Tensor:

@@ -235,16 +235,18 @@ def _finish(x: Tensor, vector: bool, rnorm: Tensor, **kw) -> SolveResult:
     return SolveResult(x=x[:, 0] if vector else x, residual_norm=float(rn[0]) if vector else rn, **kw)
 
 
+def _initial_residual(A, B, X0, damping, api):
+    """(X, R = B − (A + δI) X, products used): no product when starting from zero."""
+    if X0 is None:
+        return torch.zeros_like(B), B.clone(), 0
+    X = X0.clone()
+    return X, B - _apply(A, damping, X, api, "(initial residual)"), B.shape[1]
+
+
 # ---- CG ------------------------------------------------------------------------------------
 def _cg(A, B, X0, P, damping, rtol, atol, max_iters, api):
     K = B.shape[1]
-    X = torch.zeros_like(B) if X0 is None else X0.clone()
-    matvecs = 0
-    if X0 is None:
-        R = B.clone()
-    else:
-        R = B - _apply(A, damping, X, api, "(initial residual)")
-        matvecs += K
+    X, R, matvecs = _initial_residual(A, B, X0, damping, api)
     tol = _tolerance(B.norm(dim=0), rtol, atol)
     rnorm = R.norm(dim=0)
     converged = rnorm <= tol
@@ -298,14 +300,7 @@ def _cg(A, B, X0, P, damping, rtol, atol, max_iters, api):
 
 # ---- MINRES ----------------------------------------------------------------------------------
 def _minres(A, B, X0, P, damping, rtol, atol, max_iters, api):
-    K = B.shape[1]
-    X = torch.zeros_like(B) if X0 is None else X0.clone()
-    matvecs = 0
-    if X0 is None:
-        R = B.clone()
-    else:
-        R = B - _apply(A, damping, X, api, "(initial residual)")
-        matvecs += K
+    X, R, matvecs = _initial_residual(A, B, X0, damping, api)
     Z = R if P is None else P @ R
     beta = (R * Z).sum(0)
     if bool((beta < 0).any()):
