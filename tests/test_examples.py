@@ -33,3 +33,14 @@ def test_ntk_vs_gram_example(tmp_path):
     assert res["exact_err"] < 1e-10  # the last layer's kernel is exactly (H Hᵀ + 11ᵀ) ⊗ I
     assert 0 < res["share"] < 1
     assert abs(res["top_h"][0] - res["top_g"][0]) < 0.1 * res["top_h"][0]  # near a fit, H ≈ GGN at the top
+
+
+def test_quadratic_gd_example(tmp_path, capsys):
+    mod = runpy.run_path(str(ROOT / "examples" / "quadratic_gd.py"), run_name="example")
+    res = mod["main"](str(tmp_path / "gd.png"), steps=30)
+    assert (tmp_path / "gd.png").stat().st_size > 10_000
+    assert res["gap"] < 1e-12  # the loop and the closed form agree to round-off
+    assert res["labels"] == ("diverges", "drifts", "frozen", "converges", "converges")
+    assert res["kind"] == "none"  # a flat axis with a slope: no stationary point
+    assert abs(res["lowest"] + 0.3) < 1e-8
+    assert "a=+0.00: frozen" in capsys.readouterr().out
