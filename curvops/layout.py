@@ -86,5 +86,5 @@ class ParamLayout:
         """Flat [P] or [P, K] → dict (or list) of parameter-shaped tensors (with trailing K)."""
         tail = v.shape[1:]
         parts = torch.split(v, list(self.numels), dim=0)
-        out = [p.reshape(*s, *tail) for p, s in zip(parts, self.shapes)]
+        out = [p.reshape(tuple(s) + tuple(tail)) for p, s in zip(parts, self.shapes)]  # 0-dim entries too
         return dict(zip(self.names, out)) if as_dict else out
