@@ -1,7 +1,11 @@
 """curvops: the curvature of any PyTorch model as lazy, matrix-free operators."""
 
 from . import linalg
-from .analysis import StationaryPointResult, classify_stationary_point
+from . import analysis
+from .analysis import (
+    LandscapeResult, QuadraticModel, StationaryPointResult, activation_along, classify_stationary_point, loss_along,
+    loss_plane, random_direction,
+)
 from .linalg import (
     cond, diagonal, eigsh, nuclear_norm, frobenius_norm, inverse, logdet, nystrom, randomized_svd, rank, solve,
     spectral_density, spectral_norm, trace,
@@ -11,6 +15,7 @@ from .operators import (
     ActivationHessian, CrossHessian, GradientCovariance, HessianResidual, OutputHessian, submatrix,
     GGN, PSD, SYMMETRIC, Dense, DeterminismReport, Diagonal, EmpiricalFisher, Fisher, Hessian, Identity,
     Jacobian, NTK, LowRank, Operator, ParamLayout, as_operator, block_diag, check_deterministic, func_operator, restrict, tag,
+    HypergradientResult, MixedDerivative, ParameterHessian, ResponseJacobian, StationarityWarning, hypergradient,
 )
 
 __version__ = "0.1.0"
@@ -18,7 +23,10 @@ __version__ = "0.1.0"
 __all__ = [
     "linalg", "eigsh", "spectral_density", "logdet", "trace", "frobenius_norm", "diagonal", "randomized_svd",
     "nystrom", "solve", "inverse", "rank", "cond", "spectral_norm", "nuclear_norm", "classify_stationary_point",
-    "StationaryPointResult",
+    "StationaryPointResult", "analysis", "QuadraticModel", "LandscapeResult", "loss_along", "loss_plane",
+    "activation_along", "random_direction",
+    "ResponseJacobian", "MixedDerivative", "ParameterHessian", "hypergradient", "HypergradientResult",
+    "StationarityWarning",
     "Objective", "Operator", "Jacobian", "NTK", "GradientCovariance", "ActivationHessian", "OutputHessian", "HessianResidual", "CrossHessian", "submatrix", "ParamLayout", "Hessian", "GGN", "Fisher", "EmpiricalFisher",
     "Dense", "Diagonal", "Identity", "LowRank", "as_operator", "block_diag", "func_operator",
     "restrict", "tag", "check_deterministic", "DeterminismReport", "PSD", "SYMMETRIC", "__version__",

@@ -1,8 +1,10 @@
-"""Analyses built on operators and algorithms: stationary points and the quadratic toy model
-(more to come: landscapes, averages over runs and checkpoints, active subspaces)."""
+"""Analyses built on operators and algorithms: stationary points, the quadratic toy model,
+loss landscapes, active subspaces, averages over data/runs/checkpoints, tracking and decompositions."""
 
+from .landscape import LandscapeResult, activation_along, filter_normalize, loss_along, loss_plane, random_direction
 from .quadratic import QuadraticModel, QuadraticStability, QuadraticStationaryPoints
 from .stationary import StationaryPointResult, classify_stationary_point
 
 __all__ = ["StationaryPointResult", "classify_stationary_point", "QuadraticModel", "QuadraticStability",
-           "QuadraticStationaryPoints"]
+           "QuadraticStationaryPoints", "LandscapeResult", "loss_along", "loss_plane", "activation_along",
+           "random_direction", "filter_normalize"]

@@ -13,10 +13,15 @@ from .ggn import GGN
 from .hessian import Hessian
 from .jacobian import Jacobian
 from .ntk import NTK
+from .response import (
+    HypergradientResult, MixedDerivative, ParameterHessian, ResponseJacobian, StationarityWarning, hypergradient,
+)
 from .tags import PSD, SYMMETRIC
 
 __all__ = [
     "Operator", "ParamLayout", "as_operator", "block_diag", "func_operator", "restrict", "tag",
     "Dense", "Diagonal", "Identity", "LowRank", "Hessian", "GGN", "Fisher", "EmpiricalFisher",
     "Jacobian", "NTK", "GradientCovariance", "ActivationHessian", "OutputHessian", "HessianResidual", "CrossHessian", "submatrix", "check_deterministic", "DeterminismReport", "PSD", "SYMMETRIC",
+    "ResponseJacobian", "MixedDerivative", "ParameterHessian", "hypergradient", "HypergradientResult",
+    "StationarityWarning",
 ]
