@@ -3,8 +3,8 @@
 from . import linalg
 from . import analysis
 from .analysis import (
-    LandscapeResult, QuadraticModel, StationaryPointResult, activation_along, classify_stationary_point, loss_along,
-    loss_plane, random_direction,
+    LandscapeResult, QuadraticModel, StationaryPointResult, TrackResult, across_checkpoints, across_models,
+    activation_along, classify_stationary_point, loss_along, loss_plane, per_subset, random_direction, track,
 )
 from .linalg import (
     cond, diagonal, eigsh, nuclear_norm, frobenius_norm, inverse, logdet, nystrom, randomized_svd, rank, solve,
@@ -24,7 +24,8 @@ __all__ = [
     "linalg", "eigsh", "spectral_density", "logdet", "trace", "frobenius_norm", "diagonal", "randomized_svd",
     "nystrom", "solve", "inverse", "rank", "cond", "spectral_norm", "nuclear_norm", "classify_stationary_point",
     "StationaryPointResult", "analysis", "QuadraticModel", "LandscapeResult", "loss_along", "loss_plane",
-    "activation_along", "random_direction",
+    "activation_along", "random_direction", "per_subset", "across_models", "across_checkpoints", "track",
+    "TrackResult",
     "ResponseJacobian", "MixedDerivative", "ParameterHessian", "hypergradient", "HypergradientResult",
     "StationarityWarning",
     "Objective", "Operator", "Jacobian", "NTK", "GradientCovariance", "ActivationHessian", "OutputHessian", "HessianResidual", "CrossHessian", "submatrix", "ParamLayout", "Hessian", "GGN", "Fisher", "EmpiricalFisher",

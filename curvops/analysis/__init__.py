@@ -1,10 +1,14 @@
 """Analyses built on operators and algorithms: stationary points, the quadratic toy model,
 loss landscapes, active subspaces, averages over data/runs/checkpoints, tracking and decompositions."""
 
+from .averages import SubsetOperators, across_checkpoints, across_models, average, per_subset
+from .decompose import NMFResult, PCAResult, nmf, pca
 from .landscape import LandscapeResult, activation_along, filter_normalize, loss_along, loss_plane, random_direction
 from .quadratic import QuadraticModel, QuadraticStability, QuadraticStationaryPoints
 from .stationary import StationaryPointResult, classify_stationary_point
+from .track import TrackResult, track
 
 __all__ = ["StationaryPointResult", "classify_stationary_point", "QuadraticModel", "QuadraticStability",
            "QuadraticStationaryPoints", "LandscapeResult", "loss_along", "loss_plane", "activation_along",
-           "random_direction", "filter_normalize"]
+           "random_direction", "filter_normalize", "per_subset", "average", "across_models",
+           "across_checkpoints", "SubsetOperators", "track", "TrackResult", "pca", "PCAResult", "nmf", "NMFResult"]
