@@ -44,3 +44,37 @@ def test_quadratic_gd_example(tmp_path, capsys):
     assert res["kind"] == "none"  # a flat axis with a slope: no stationary point
     assert abs(res["lowest"] + 0.3) < 1e-8
     assert "a=+0.00: frozen" in capsys.readouterr().out
+
+
+def test_saddle_landscape_example(tmp_path, capsys):
+    mod = runpy.run_path(str(ROOT / "examples" / "saddle_landscape.py"), run_name="example")
+    res = mod["main"](str(tmp_path / "saddle.png"), num_steps=21)
+    assert (tmp_path / "saddle.png").stat().st_size > 20_000
+    assert res["kind"] == "saddle" and res["grad_norm"] < 1e-12
+    assert res["lam_min"] < -0.5 < 1.0 < res["lam_max"]
+    # the landscape bends like ½ λ t² near 0 (second difference with h = 0.2: O(h²) off)
+    assert abs(res["curvature"]["top"] - res["lam_max"]) < 1e-6  # the bias direction is exactly quadratic
+    assert abs(res["curvature"]["bottom"] - res["lam_min"]) < 0.05 * abs(res["lam_min"])
+    assert float(res["bottom"].min()) < res["base"] - 0.1  # the escape direction lowers the loss
+    assert float(res["top"].min()) == res["base"]
+    assert "verdict: saddle" in capsys.readouterr().out
+
+
+def test_track_training_example(tmp_path, capsys):
+    mod = runpy.run_path(str(ROOT / "examples" / "track_training.py"), run_name="example")
+    res = mod["main"](str(tmp_path / "track.png"), steps=8, k=2)
+    assert (tmp_path / "track.png").stat().st_size > 20_000
+    assert res["steps"].tolist() == [0, 1, 2, 4, 8]
+    # the tracked extremes are the dense Hessian's at the last checkpoint
+    model, X, y = mod["problem"]()
+    last = mod["train"](model, X, y, 8, {8})[0][1]
+    model.load_state_dict(last)
+    import torch
+
+    import curvops
+
+    ev = torch.linalg.eigvalsh(curvops.Hessian(model, "cross_entropy", (X, y)).to_dense())
+    torch.testing.assert_close(res["top"][-1, 0], ev[-1], rtol=1e-5, atol=0)
+    torch.testing.assert_close(res["bottom"][-1, 0], ev[0], rtol=1e-4, atol=1e-8)
+    assert float(res["ratio"][-1]) < 0.1 * float(res["ratio"][0])  # what this run shows (seeds/001)
+    assert "falls below a tenth" in capsys.readouterr().out
