@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import curvops  # noqa: E402
-from curvops.plot import plot_landscape_1d, plot_landscape_2d  # noqa: E402
+from curvops.plotting import plot_landscape_1d, plot_landscape_2d  # noqa: E402
 
 
 def saddle_problem(num_samples: int = 256, hidden: int = 8, seed: int = 0):

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import curvops  # noqa: E402
-from curvops.plot import plot_spectrum_evolution  # noqa: E402
+from curvops.plotting import plot_spectrum_evolution  # noqa: E402
 
 
 def problem(num_samples: int = 256, seed: int = 0):

@@ -1,4 +1,4 @@
-"""curvops.plot: every figure's drawn data equals its inputs; saving, errors, models left untouched."""
+"""curvops.plotting: every figure's drawn data equals its inputs; saving, errors, models left untouched."""
 
 from __future__ import annotations
 
@@ -20,14 +20,14 @@ from torch import nn
 import curvops
 from curvops.layout import ParamLayout
 from curvops.linalg.density import DensityResult
-from curvops.plot import (
+from curvops.plotting import (
     architecture_table, direction_label, forward_formula, plot_architecture, plot_density, plot_eigenvalue_decay,
     plot_eigenvalues, plot_eigenvector_heatmap, plot_heatmap, plot_landscape_1d, plot_landscape_2d,
     plot_layer_sensitivity, plot_spectrum_evolution,
 )
-from curvops.plot._common import BOUNDARY_GID
-from curvops.plot.architecture import is_chain
-from curvops.plot.spectra import RUG_GID
+from curvops.plotting._common import BOUNDARY_GID
+from curvops.plotting.architecture import is_chain
+from curvops.plotting.spectra import RUG_GID
 from curvops.testing.contract import assert_unchanged, snapshot
 
 DT = torch.float64

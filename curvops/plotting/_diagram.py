@@ -1,4 +1,4 @@
-"""Layout and drawing of the architecture view (private; see :mod:`curvops.plot.architecture`).
+"""Layout and drawing of the architecture view (private; see :mod:`curvops.plotting.architecture`).
 
 A *scene* is a list of primitives in data units (1 unit = ``UNIT`` inches at the base font size)
 plus its bounds.  Labels live in three horizontal bands per row — above the shapes (weight
