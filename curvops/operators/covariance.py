@@ -1,69 +1,152 @@
-r"""The active-subspace matrix: the (weighted, optionally centred) covariance of per-sample gradients."""
+r"""The active-subspace matrix: the (weighted, optionally centred, optionally restricted) covariance
+of per-sample gradients, its square-root factor, and the per-sample gradients themselves."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
-from ..objective import Batch, Objective
+from ..objective import Batch, Objective, _tree_map
 from . import tags as _tags
 from ._curvature import join_columns, make_objective, split_columns
 from .base import Operator
+
+#: elements of per-sample gradients computed in one vmapped chunk by default (about 32 MB in float64)
+CHUNK_ELEMENTS = 2**22
+
+
+def _objective(model_or_objective, loss, data, g, kwargs) -> Objective:
+    """The objective; a loss is optional when ``g`` is a callable (loss-free objective)."""
+    if not isinstance(model_or_objective, Objective) and loss is None and data is not None:
+        if g == "loss":
+            raise TypeError("GradientCovariance: g='loss' needs a loss; pass loss= (a name, a torch loss or a "
+                            "callable), or a callable g(outputs, targets) -> [n].")
+        return Objective(model_or_objective, None, data, **kwargs)
+    return make_objective(model_or_objective, loss, data, **kwargs)
+
+
+def _subset_mask(subset, n: int) -> Tensor:
+    """An index tensor or boolean mask over the N samples → boolean mask [N] (validated)."""
+    api = "GradientCovariance(subset=...)"
+    t = torch.as_tensor(subset)
+    if t.dtype == torch.bool:
+        if t.shape != (n,):
+            raise ValueError(f"{api}: expected a boolean mask of shape ({n},) (one entry per sample), "
+                             f"got shape {tuple(t.shape)}.")
+        mask = t.clone()
+    elif not t.is_floating_point() and not t.is_complex():
+        if t.dim() != 1:
+            raise ValueError(f"{api}: expected a 1-D tensor of sample indices, got shape {tuple(t.shape)}.")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
+            raise ValueError(f"{api}: expected indices in [0, {n}), got range [{int(t.min())}, {int(t.max())}].")
+        if t.unique().numel() != t.numel():
+            raise ValueError(f"{api}: expected distinct indices, got {t.numel() - t.unique().numel()} repeated; "
+                             f"use weights= to count samples more than once.")
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[t.long().cpu()] = True
+    else:
+        raise TypeError(f"{api}: expected an integer index tensor or a boolean mask, got dtype {t.dtype}.")
+    if not bool(mask.any()):
+        raise ValueError(f"{api}: the subset is empty; select at least one sample.")
+    return mask
+
+
+def _class_tensor(classes) -> Tensor:
+    api = "GradientCovariance(classes=...)"
+    t = torch.as_tensor([classes] if isinstance(classes, int) else classes)
+    if t.dim() == 1 and t.numel() == 0:
+        raise ValueError(f"{api}: expected at least one class, got none.")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or t.dim() != 1:
+        raise TypeError(f"{api}: expected an integer class or a 1-D sequence of integer classes, got "
+                        f"{classes!r}.")
+    return t.long()
 
 
 class GradientCovariance(Operator):
     r"""Second moment (or covariance) of per-sample gradients, matrix-free.
 
-    .. math:: C = \frac{1}{W}\sum_i w_i\, \nabla g_i \nabla g_i^\top
+    .. math:: C = \frac{1}{W}\sum_{i \in S} w_i\, \nabla g_i \nabla g_i^\top
         \quad\text{or, centred,}\quad
-        \frac{1}{W}\sum_i w_i\, (\nabla g_i - \mu)(\nabla g_i - \mu)^\top,\qquad
-        \mu = \frac{1}{W}\sum_i w_i \nabla g_i,\ W = \sum_i w_i
+        \frac{1}{W}\sum_{i \in S} w_i\, (\nabla g_i - \mu)(\nabla g_i - \mu)^\top,\qquad
+        \mu = \frac{1}{W}\sum_{i \in S} w_i \nabla g_i,\ W = \sum_{i \in S} w_i
 
     with ``g_i = g(f(θ, x_i), y_i)`` a scalar per sample: by default the loss of sample i alone
-    (``g="loss"``), or any callable ``g(outputs, targets) -> [n]`` of a batch (e.g. one model
-    output, ``lambda out, y: out[:, 0]``). Its eigenvectors are the active subspace of ``g``
-    (Constantine 2015); for ``g = loss`` and unit weights, the uncentred C is the empirical Fisher
-    with mean normalization.
+    (``g="loss"``), or any callable ``g(outputs, targets) -> [n]`` of a batch that acts sample by
+    sample (e.g. one model output, ``lambda out, y: out[:, 0]``). ``S`` is the set of kept
+    samples: all of them, or those selected by ``subset`` (positions in data order) and/or
+    ``classes`` (integer targets in the given classes, decided batch by batch, so DataLoaders
+    work); C is normalized by the kept weight W. Its eigenvectors are the active subspace of
+    ``g`` (Constantine 2015); for ``g = loss``, unit weights and all samples, the uncentred C is
+    the empirical Fisher with mean normalization.
+
+    Also here: :meth:`sample_gradients` (the rows ∇g_i, chunked ``vmap(grad)``) and
+    :meth:`factor` (the matrix-free N×P factor F with FᵀF = C).
 
     **Cost**: per product one pass over the data; per batch a forward-mode product of the
     per-sample vector g (vmapped over columns) and one VJP per column. Centring adds one pass for
     μ on the first product (cached, and recomputed when the parameters change).
-    Never forms a P×P matrix or all per-sample gradients at once.
+    Never forms a P×P matrix or all per-sample gradients at once. Samples that are not kept are
+    dropped from each batch before the model runs.
 
     **Tags**: symmetric, psd.
 
     Args:
-        model_or_objective, loss, data, **kwargs: as for :class:`~curvops.Hessian`.
+        model_or_objective, loss, data, **kwargs: as for :class:`~curvops.Hessian`; ``loss`` may
+            be omitted when ``g`` is a callable (then ``data`` may be inputs only).
         g: ``"loss"`` or a callable ``g(outputs, targets) -> Tensor[n]``.
         weights: per-sample weights ``[N]`` in data order (default: all ones), ≥ 0.
         center: subtract the weighted mean gradient.
+        subset: sample indices (1-D integer tensor, distinct) or a boolean mask ``[N]`` in data order.
+        classes: an integer class or a sequence of classes; keeps the samples whose integer target
+            ``y [n]`` is one of them (needs class-index targets).
+
+    Raises:
+        ValueError: bad weights, subset or classes; a callable g that does not return one value
+            per sample; targets that are not class indices when ``classes`` is set; no kept sample
+            (found during the first pass when only ``classes`` decides).
+        TypeError: g="loss" without a loss; a subset or classes of the wrong kind.
+
+    Example:
+        >>> C = GradientCovariance(model, "cross_entropy", (X, y), classes=[0, 2])   # doctest: +SKIP
+        >>> curvops.eigsh(C, k=5).eigenvalues                                        # doctest: +SKIP
 
     References:
         Constantine (2015). *Active Subspaces: Emerging Ideas for Dimension Reduction in Parameter Studies*.
     """
 
     def __init__(self, model_or_objective, loss=None, data=None, *, g: str | Callable = "loss",
-                 weights: Tensor | None = None, center: bool = False, max_columns: int = 64, **kwargs):
-        obj: Objective = make_objective(model_or_objective, loss, data, **kwargs)
-        if not (g == "loss" or callable(g)):
+                 weights: Tensor | None = None, center: bool = False, subset=None, classes=None,
+                 max_columns: int = 64, **kwargs):
+        if not (isinstance(g, str) and g == "loss") and not callable(g):
             raise ValueError(f"GradientCovariance: g must be 'loss' or a callable g(outputs, targets), got {g!r}.")
+        obj: Objective = _objective(model_or_objective, loss, data, g, kwargs)
+        if isinstance(g, str) and obj.loss_fn is None:
+            raise ValueError("GradientCovariance: g='loss' needs an objective with a loss; pass loss= or a callable "
+                             "g(outputs, targets) -> [n].")
+        n = obj.num_samples() if (weights is not None or subset is not None) else None
         if weights is not None:
             weights = torch.as_tensor(weights, dtype=obj.dtype, device=obj.device)
-            n = obj.num_samples()
             if weights.shape != (n,):
                 raise ValueError(f"GradientCovariance: expected weights of shape ({n},) (one per sample), "
                                  f"got {tuple(weights.shape)}.")
             if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or float(weights.sum()) <= 0:
                 raise ValueError("GradientCovariance: weights must be finite, non-negative and not all zero.")
+        mask = None if subset is None else _subset_mask(subset, n).to(obj.device)
+        if mask is not None and weights is not None and float(weights[mask].sum()) <= 0:
+            raise ValueError("GradientCovariance: the weights of the samples in subset= are all zero; expected a "
+                             "positive total weight.")
         P = obj.num_params
         super().__init__((P, P), obj.dtype, obj.device, tags=(_tags.PSD,), domain=obj.layout, range=obj.layout)
         self.objective, self.g, self.weights, self.center = obj, g, weights, center
+        self.subset_mask = mask
+        self.classes = None if classes is None else _class_tensor(classes).to(obj.device)
         self.max_columns = max_columns
         self._mean: tuple | None = None  # (state versions, μ [P])
 
+    # ---- the per-sample function and the kept samples ---------------------------------------
     def _per_sample(self, batch: Batch) -> Callable:
         """θ ↦ [n] per-sample values g_i for this batch."""
         obj = self.objective
@@ -81,13 +164,63 @@ class GradientCovariance(Operator):
 
         return values
 
-    def _batch_weights(self, batch: Batch, offset: int) -> Tensor:
-        if self.weights is None:
-            return torch.ones(batch.n, dtype=self.torch_dtype, device=self.device)
-        return self.weights[offset:offset + batch.n]
+    def _kept(self, batch: Batch, offset: int) -> tuple[Batch | None, Tensor]:
+        """The kept samples of a batch (``None`` if none) and their weights."""
+        w = (torch.ones(batch.n, dtype=self.torch_dtype, device=self.device) if self.weights is None
+             else self.weights[offset:offset + batch.n])
+        keep = None
+        if self.subset_mask is not None:
+            keep = self.subset_mask[offset:offset + batch.n]
+            if keep.shape[0] != batch.n:
+                raise ValueError(f"GradientCovariance: the data has more samples than the {self.subset_mask.shape[0]} "
+                                 f"that subset= was built for (batch {batch.index}).")
+        if self.classes is not None:
+            y = batch.y
+            if (not isinstance(y, Tensor) or y.is_floating_point() or y.dtype == torch.bool
+                    or tuple(y.shape) != (batch.n,)):
+                got = f"dtype {y.dtype}, shape {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
+                raise ValueError(f"GradientCovariance(classes=...): expected integer class targets of shape "
+                                 f"({batch.n},) on batch {batch.index}, got {got}. For one-hot or soft targets "
+                                 f"select the samples with subset= instead.")
+            in_class = torch.isin(y, self.classes.to(y.device))
+            keep = in_class if keep is None else keep & in_class
+        if keep is None or bool(keep.all()):
+            return batch, w
+        idx = keep.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return None, w[:0]
+        x = _tree_map(lambda t: t[idx.to(t.device)], batch.x)
+        y = None if batch.y is None else _tree_map(lambda t: t[idx.to(t.device)], batch.y)
+        return Batch(x, y, int(idx.numel()), batch.index), w[idx]
 
+    def kept_weights(self) -> Tensor:
+        """Weights ``[N_kept]`` of the kept samples in data order (unit weights: ones).
+
+        **Cost**: no pass, unless ``classes`` is set: then one pass over the data that reads only
+        the targets (the model does not run).
+        """
+        if self.classes is None:
+            n = self.objective.num_samples()
+            w = torch.ones(n, dtype=self.torch_dtype, device=self.device) if self.weights is None else self.weights
+            return w if self.subset_mask is None else w[self.subset_mask]
+        parts, offset = [], 0
+        for batch in self.objective.batches():
+            kept, w = self._kept(batch, offset)
+            parts.append(w)
+            offset += batch.n
+        w = torch.cat(parts)
+        self._check_total(float(w.sum()))
+        return w
+
+    @staticmethod
+    def _check_total(total: float) -> None:
+        if not total > 0:
+            raise ValueError("GradientCovariance: no sample is kept (or all kept samples have zero weight): check "
+                             "subset=, classes= and weights=.")
+
+    # ---- products ------------------------------------------------------------------------------
     def mean_gradient(self) -> Tensor:
-        """μ = Σ w_i ∇g_i / W (one pass; cached until the parameters change)."""
+        """μ = Σ w_i ∇g_i / W over the kept samples (one pass; cached until the parameters change)."""
         obj = self.objective
         versions = obj.state_versions()
         if self._mean is not None and self._mean[0] == versions:
@@ -96,12 +229,15 @@ class GradientCovariance(Operator):
         total, offset = 0.0, 0
         with obj.session():
             for batch in obj.batches():
-                w = self._batch_weights(batch, offset)
-                _, vjp_fn = vjp(self._per_sample(batch), *obj.theta())
+                kept, w = self._kept(batch, offset)
+                offset += batch.n
+                if kept is None:
+                    continue
+                _, vjp_fn = vjp(self._per_sample(kept), *obj.theta())
                 for a, r in zip(acc, vjp_fn(w)):
                     a.add_(r)
                 total += float(w.sum())
-                offset += batch.n
+        self._check_total(total)
         mu = torch.cat([a.reshape(-1) for a in acc]) / total
         self._mean = (versions, mu)
         return mu
@@ -114,23 +250,232 @@ class GradientCovariance(Operator):
         chunks = [split_columns(obj, V[:, s:s + self.max_columns]) for s in starts]
         with obj.session():
             for batch in obj.batches():
-                w = self._batch_weights(batch, offset)
-                fn, theta = self._per_sample(batch), tuple(obj.theta())
+                kept, w = self._kept(batch, offset)
+                offset += batch.n
+                if kept is None:
+                    continue
+                fn, theta = self._per_sample(kept), tuple(obj.theta())
                 _, vjp_fn = vjp(fn, *theta)
                 for s, Vs in zip(starts, chunks):
                     k = Vs[0].shape[0]
-                    if k == 1:
-                        S = jvp(fn, theta, tuple(v[0] for v in Vs))[1][None]
-                        res = [r[None] for r in vjp_fn(w * S[0])]
-                    else:
-                        S = vmap(lambda *v: jvp(fn, theta, v)[1])(*Vs)  # [k, n]: ⟨∇g_i, v⟩
-                        res = vmap(vjp_fn)(w[None] * S)
+                    S = _jvp_columns(fn, theta, Vs)  # [k, n]: ⟨∇g_i, v⟩
+                    res = _vjp_columns(vjp_fn, w[None] * S)
                     for a, r in zip(acc, res):
                         a[s:s + k].add_(r)
                 total += float(w.sum())
-                offset += batch.n
+        self._check_total(total)
         out = join_columns(acc, K) / total
         if self.center:
             mu = self.mean_gradient()
             out = out - mu[:, None] * (mu @ V)[None]
         return out
+
+    # ---- per-sample gradients and the factor -------------------------------------------------------
+    def _sample_fn(self) -> Callable:
+        """(θ, x_i, y_i) ↦ g_i for one sample (no batch dimension), for ``vmap(grad(...))``."""
+        obj = self.objective
+
+        def one(theta, x, y):
+            xb = _tree_map(lambda t: t.unsqueeze(0), x)
+            yb = None if y is None else _tree_map(lambda t: t.unsqueeze(0), y)
+            out = obj.forward(theta, xb)
+            value = obj.loss_fn(out, yb) if self.g == "loss" else self.g(out, yb)
+            return value.reshape(())
+
+        return one
+
+    def default_chunk_size(self) -> int:
+        """Samples per vmapped chunk: about ``CHUNK_ELEMENTS`` gradient entries (16 to 1024 samples)."""
+        return int(min(1024, max(16, CHUNK_ELEMENTS // max(1, self.shape[0]))))
+
+    def sample_gradient_pass(self, consume: Callable[[Tensor, Tensor], None], chunk_size: int | None = None) -> int:
+        r"""Call ``consume(G_c, w_c)`` for chunks of per-sample gradients ``G_c [c, P]`` (rows ∇g_i of
+        kept samples, data order, not centred or weighted) with their weights ``w_c [c]``.
+
+        **Cost**: one pass; per chunk one ``vmap(grad(g_i))`` over its samples (each sample runs
+        alone, as a batch of one), memory O(chunk · P). Returns the number of rows.
+        """
+        obj = self.objective
+        c = self.default_chunk_size() if chunk_size is None else chunk_size
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ValueError(f"GradientCovariance.sample_gradient_pass: expected a positive integer chunk_size, "
+                             f"got {chunk_size!r}.")
+        one = self._sample_fn()
+        randomness = "different" if obj.allow_stochastic else "error"
+        rows, offset, total = 0, 0, 0.0
+        with obj.session():
+            theta = tuple(obj.theta())
+            for batch in obj.batches():
+                checking = obj._checking
+                kept, w = self._kept(batch, offset)
+                offset += batch.n
+                if kept is None:
+                    continue
+                if checking:  # first pass: targets and the shape of g, on the whole batch
+                    with torch.no_grad():
+                        self._per_sample(kept)(*theta)
+                y_dims = None if kept.y is None else 0
+                per_sample = vmap(grad(one), in_dims=(None, 0, y_dims), randomness=randomness)
+                for s in range(0, kept.n, c):
+                    x = _tree_map(lambda t: t[s:s + c], kept.x)
+                    y = None if kept.y is None else _tree_map(lambda t: t[s:s + c], kept.y)
+                    parts = per_sample(theta, x, y)
+                    n = parts[0].shape[0]
+                    G = torch.cat([p.reshape(n, -1) for p in parts], dim=1)
+                    consume(G, w[s:s + c])
+                    rows += n
+                total += float(w.sum())
+        self._check_total(total)
+        return rows
+
+    def sample_gradients(self, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+        r"""All per-sample gradients of the kept samples, ``G [N_kept, P]``, and their weights ``[N_kept]``.
+
+        Row i is ∇_θ g_i (layout order); C = Gᵀ diag(w) G / W (uncentred).
+        **Cost**: one pass (:meth:`sample_gradient_pass`); memory N_kept · P entries (written in
+        place; with ``classes`` the rows are collected first, so the peak is twice that).
+        """
+        w = self.kept_weights() if self.classes is None else None
+        if w is not None:
+            G = torch.empty(w.shape[0], self.shape[1], dtype=self.torch_dtype, device=self.device)
+            row = [0]
+
+            def write(Gc, _w):
+                G[row[0]:row[0] + Gc.shape[0]] = Gc
+                row[0] += Gc.shape[0]
+
+            rows = self.sample_gradient_pass(write, chunk_size)
+            if rows != G.shape[0]:
+                raise ValueError(f"GradientCovariance.sample_gradients: a pass kept {rows} samples, expected "
+                                 f"{G.shape[0]}; the data changed.")
+            return G, w
+        parts: list[Tensor] = []
+        weights: list[Tensor] = []
+
+        def keep(Gc, wc):
+            parts.append(Gc)
+            weights.append(wc)
+
+        self.sample_gradient_pass(keep, chunk_size)
+        return torch.cat(parts), torch.cat(weights)
+
+    def factor(self, multipliers: Tensor | None = None, kept_weights: Tensor | None = None) -> "GradientFactor":
+        """The factor F [N_kept, P] with FᵀF = C (see :class:`GradientFactor`)."""
+        return GradientFactor(self, multipliers, kept_weights)
+
+
+class GradientFactor(Operator):
+    r"""A square-root factor of the gradient covariance: $F^\top F = C$, matrix-free.
+
+    .. math:: F = D\,(G - \mathbf{1}\mu^\top),\qquad D = \operatorname{diag}\big(\sqrt{m_i w_i / W}\big),
+        \quad W = \sum_i m_i w_i,\quad \mu = \frac{1}{W}\sum_i m_i w_i \nabla g_i
+
+    (μ = 0 unless the covariance is centred), with rows ∇g_i of G over the kept samples in data
+    order, w_i their weights and m_i optional multipliers (e.g. bootstrap counts; default 1).
+    The singular values σ of F give the eigenvalues σ² of C and its right singular vectors the
+    eigenvectors, without squaring the condition number (small eigenvalues keep their relative
+    accuracy, unlike those of a product with C).
+
+    **Cost**: ``F @ V``: one pass, a forward-mode product of the per-sample g vector per column
+    (vmapped); ``F.T @ U``: one pass, one VJP per column (vmapped). Construction: one pass over the
+    targets if ``classes`` is set (unless ``kept_weights``, from :meth:`GradientCovariance.kept_weights`,
+    is passed); centring adds one pass for μ. The data must come in the same order on every pass
+    (no shuffling DataLoader).
+
+    **Tags**: none.
+    """
+
+    def __init__(self, covariance: GradientCovariance, multipliers: Tensor | None = None,
+                 kept_weights: Tensor | None = None):
+        cov = covariance
+        w = cov.kept_weights() if kept_weights is None else kept_weights
+        if multipliers is not None:
+            m = torch.as_tensor(multipliers, dtype=cov.torch_dtype, device=cov.device)
+            if m.shape != w.shape or not bool(torch.isfinite(m).all()) or bool((m < 0).any()):
+                raise ValueError(f"GradientFactor: expected finite non-negative multipliers of shape {tuple(w.shape)} "
+                                 f"(one per kept sample), got shape {tuple(m.shape)}.")
+            w = w * m
+        total = float(w.sum())
+        GradientCovariance._check_total(total)
+        super().__init__((int(w.shape[0]), cov.shape[1]), cov.torch_dtype, cov.device, domain=cov.objective.layout)
+        self.covariance, self.row_weights, self.total_weight = cov, w, total
+        self.scale = (w / total).sqrt()  # D
+        self.max_columns = cov.max_columns
+        self._mu: Tensor | None = None
+
+    def mean(self) -> Tensor | None:
+        """μ [P] (None when not centred); one pass, cached."""
+        if not self.covariance.center:
+            return None
+        if self._mu is None:
+            u = (self.row_weights / self.total_weight)[:, None]
+            self._mu = self._uncentred_rmatmat(u)[:, 0]
+        return self._mu
+
+    def _batches(self):
+        """(kept batch, row slice) over one pass, with the row count checked."""
+        cov, offset, row = self.covariance, 0, 0
+        for batch in cov.objective.batches():
+            kept, _ = cov._kept(batch, offset)
+            offset += batch.n
+            if kept is None:
+                continue
+            if row + kept.n > self.shape[0]:
+                break
+            yield kept, slice(row, row + kept.n)
+            row += kept.n
+        if row != self.shape[0]:
+            raise ValueError(f"GradientFactor: a pass over the data kept {row} samples, expected {self.shape[0]}; the "
+                             f"data must be the same, in the same order, on every pass (no shuffling).")
+
+    def _matmat_torch(self, V: Tensor) -> Tensor:  # [P, K] -> [N, K]
+        cov, obj, K = self.covariance, self.covariance.objective, V.shape[1]
+        out = V.new_zeros(self.shape[0], K)
+        starts = list(range(0, K, self.max_columns))
+        chunks = [split_columns(obj, V[:, s:s + self.max_columns]) for s in starts]
+        with obj.session():
+            theta = tuple(obj.theta())
+            for kept, rows in self._batches():
+                fn = cov._per_sample(kept)
+                for s, Vs in zip(starts, chunks):
+                    out[rows, s:s + Vs[0].shape[0]] = _jvp_columns(fn, theta, Vs).T
+        mu = self.mean()
+        if mu is not None:
+            out -= (mu @ V)[None]
+        return out.mul_(self.scale[:, None])
+
+    def _uncentred_rmatmat(self, U: Tensor) -> Tensor:  # Gᵀ U, [N, K] -> [P, K]
+        cov, obj, K = self.covariance, self.covariance.objective, U.shape[1]
+        acc = [torch.zeros(K, *s, dtype=U.dtype, device=U.device) for s in obj.layout.shapes]
+        with obj.session():
+            theta = tuple(obj.theta())
+            for kept, rows in self._batches():
+                _, vjp_fn = vjp(cov._per_sample(kept), *theta)
+                for s in range(0, K, self.max_columns):
+                    cot = U[rows, s:s + self.max_columns].T.contiguous()  # [k, n]
+                    for a, r in zip(acc, _vjp_columns(vjp_fn, cot)):
+                        a[s:s + cot.shape[0]].add_(r)
+        return join_columns(acc, K)
+
+    def _rmatmat_torch(self, U: Tensor) -> Tensor:  # [N, K] -> [P, K]
+        Us = U * self.scale[:, None]
+        out = self._uncentred_rmatmat(Us)
+        mu = self.mean()
+        if mu is not None:
+            out -= mu[:, None] * Us.sum(0)[None]
+        return out
+
+
+def _jvp_columns(fn: Callable, theta: Sequence[Tensor], Vs: list[Tensor]) -> Tensor:
+    """[k, n] forward-mode products ⟨∇g_i, v_j⟩ for k stacked parameter-shaped tangents."""
+    theta = tuple(theta)
+    if Vs[0].shape[0] == 1:
+        return jvp(fn, theta, tuple(v[0] for v in Vs))[1][None]
+    return vmap(lambda *v: jvp(fn, theta, v)[1])(*Vs)
+
+
+def _vjp_columns(vjp_fn: Callable, cotangents: Tensor) -> list[Tensor]:
+    """Per-parameter [k, *shape] reverse-mode products for k cotangent rows [k, n]."""
+    if cotangents.shape[0] == 1:
+        return [r[None] for r in vjp_fn(cotangents[0])]
+    return list(vmap(vjp_fn)(cotangents))
