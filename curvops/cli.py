@@ -1,0 +1,219 @@
+"""The ``curvops`` command.
+
+``curvops report [OUTDIR]`` writes a curvature report of a model: ``index.html`` (opens offline),
+PNG figures and ``summary.json``.  Without model arguments it trains the small built-in demo
+model (a tanh MLP on three Gaussian blobs, a second or two) and reports on it; with
+
+.. code-block:: text
+
+    curvops report out/ --model pkg.module:factory --checkpoint model.pt \\
+        --data pkg.module:loader --loss cross_entropy [--params name,...] \\
+        [--device cpu|cuda] [--dtype float32|float64] [--batch-size N] [--top-k K]
+
+it reports on a user's model: ``factory()`` returns an ``nn.Module``, the checkpoint is a state
+dict saved with ``torch.save`` (or a dict holding one under ``"state_dict"`` / ``"model"``), and
+``loader()`` returns ``(X, y)`` or a ``DataLoader``.  Specs, imports, checkpoint keys and shapes,
+and the fit of data and loss to the model are checked before any heavy work; a problem is
+printed as one line (no traceback) and the command exits with status 2.  Exit status 1 means
+the report was written but a section failed (its error is in the report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+_DEFAULT_OUTDIR = "curvops-report"
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="curvops", description="Curvature of PyTorch models as lazy operators.")
+    parser.add_argument("--version", action="version", version=f"curvops {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    rep = sub.add_parser(
+        "report", help="write an HTML curvature report of a model",
+        description="Write a curvature report (index.html, PNG figures, summary.json) of the built-in demo "
+                    "model, or of your model with --model/--data/--loss.")
+    rep.add_argument("outdir", nargs="?", default=_DEFAULT_OUTDIR, metavar="OUTDIR",
+                     help=f"report directory (default: {_DEFAULT_OUTDIR}/)")
+    rep.add_argument("--model", metavar="MODULE:FACTORY", help="callable returning the nn.Module")
+    rep.add_argument("--checkpoint", metavar="FILE", help="state dict saved with torch.save (weights_only load)")
+    rep.add_argument("--data", metavar="MODULE:LOADER", help="callable returning (X, y) or a DataLoader")
+    rep.add_argument("--loss", metavar="NAME", help="mse, cross_entropy or bce_with_logits")
+    rep.add_argument("--params", metavar="NAMES", help="comma-separated parameter names (default: all trainable)")
+    rep.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    rep.add_argument("--dtype", default=None, help="float32 or float64 (default: the model's own)")
+    rep.add_argument("--batch-size", type=int, default=None, metavar="N", help="batch size for (X, y) data")
+    rep.add_argument("--top-k", type=int, default=None, metavar="K", help="eigenpairs per spectrum (default 10)")
+    rep.add_argument("--quick", action="store_true", help="a fast pass: fewer eigenpairs, coarser grids")
+    rep.add_argument("--seed", type=int, default=0, help="seed of every randomized step (default 0)")
+    rep.add_argument("--sections", metavar="NAMES", help="comma-separated sections to run (default: all)")
+    rep.add_argument("--threads", type=int, default=None, metavar="N",
+                     help="CPU threads for torch (default: 1 for the built-in demo model, torch's default otherwise)")
+    rep.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    rep.add_argument("--strict", action="store_true", help="stop at the first failing section, with a traceback")
+    return parser
+
+
+def _error(message: str) -> int:
+    print(f"curvops report: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _problem(args):
+    """(model, loss, data, params, batch_size, source) for the demo or the user's model."""
+    from .report.loading import load_problem, resolve_device, resolve_dtype
+
+    if args.model is None:
+        for option in ("data", "checkpoint", "loss"):
+            if getattr(args, option) is not None:
+                raise ValueError(f"--{option}: given without --model. Pass --model MODULE:FACTORY (with --data "
+                                 f"and --loss), or drop --{option} to report on the built-in demo model.")
+        import torch
+
+        from .demo import demo_problem
+
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype) or torch.float64
+        model, X, y = demo_problem(seed=args.seed, dtype=dtype)
+        model.to(device)
+        params = None if args.params is None else [p.strip() for p in args.params.split(",") if p.strip()]
+        if params is not None:
+            names = [n for n, _ in model.named_parameters()]
+            unknown = [p for p in params if p not in names]
+            if unknown or not params:
+                raise ValueError(f"--params: expected names of the model's parameters, got {params}. The model has "
+                                 f"{names}.")
+        source = {"model": "built-in demo: tanh MLP trained on three Gaussian blobs (curvops.demo.demo_problem)",
+                  "data": "built-in synthetic blobs", "loss": "cross_entropy"}
+        return model, "cross_entropy", (X.to(device), y.to(device)), params, args.batch_size, source
+    missing = [f"--{o}" for o in ("data", "loss") if getattr(args, o) is None]
+    if missing:
+        raise ValueError(f"--model: expected {' and '.join(missing)} as well (the data and the loss to measure "
+                         f"the model on).")
+    if os.getcwd() not in sys.path:  # specs name modules relative to where the command runs
+        sys.path.insert(0, os.getcwd())
+    p = load_problem(model=args.model, data=args.data, loss=args.loss, checkpoint=args.checkpoint,
+                     params=args.params, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    return p.model, p.loss, p.data, p.params, p.batch_size, p.source
+
+
+def _report(args) -> int:
+    if args.top_k is not None and args.top_k < 1:
+        return _error(f"--top-k: expected a positive integer, got {args.top_k}.")
+    if args.batch_size is not None and args.batch_size < 1:
+        return _error(f"--batch-size: expected a positive integer, got {args.batch_size}.")
+    if args.threads is not None and args.threads < 1:
+        return _error(f"--threads: expected a positive integer, got {args.threads}.")
+    from .report.build import SECTIONS
+
+    sections = None
+    if args.sections is not None:
+        sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+        unknown = [s for s in sections if s not in SECTIONS]
+        if unknown or not sections:
+            return _error(f"--sections: expected names among {', '.join(SECTIONS)}, got {args.sections!r}.")
+    threads = args.threads or (1 if args.model is None else None)  # the demo model is tiny: one thread is fastest
+    before = torch_threads()
+    try:
+        if threads is not None:
+            set_torch_threads(threads)
+        return _run(args, sections)
+    finally:
+        set_torch_threads(before)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def set_torch_threads(n: int) -> None:
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def _run(args, sections) -> int:
+    start = time.perf_counter()
+    try:
+        model, loss, data, params, batch_size, source = _problem(args)
+    except (ValueError, TypeError, ImportError, OSError) as err:
+        return _error(str(err))
+    from .report.build import build_report
+
+    try:
+        summary = build_report(model, loss, data, args.outdir, quick=args.quick, top_k=args.top_k, params=params,
+                               progress=not args.no_progress, seed=args.seed, batch_size=batch_size,
+                               strict=args.strict, source=source, sections=sections)
+    except (ValueError, TypeError) as err:  # bad settings, raised before any heavy work (or strict)
+        if args.strict:
+            raise
+        return _error(str(err))
+    _print_summary(summary, args.outdir, time.perf_counter() - start)
+    failed = [n for n, s in summary["sections"].items() if s.get("status") == "error"]
+    if failed:
+        print(f"curvops report: sections failed: {', '.join(failed)} (see the report)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_summary(summary: dict, outdir: str, seconds: float) -> None:
+    from .report.html import fmt
+
+    secs = {k: v for k, v in summary["sections"].items() if v.get("status") == "ok"}
+    figs = sum(1 for f in summary["figures"].values() if f.get("file"))
+    print(f"curvops report: wrote {os.path.join(outdir, 'index.html')} ({figs} figures, summary.json) "
+          f"in {seconds:.1f} s")
+    lines = []
+    if "overview" in secs:
+        o = secs["overview"]
+        lines.append(f"model: {o['model_class']}, {o['num_params']} parameters, {fmt(o['num_samples'])} samples; "
+                     f"loss {fmt(o['loss'])}, gradient norm {fmt(o['grad_norm'])}")
+    if "eigenvalues" in secs:
+        e = secs["eigenvalues"]
+        lines.append("Hessian top eigenvalues: " + " ".join(fmt(v) for v in e["hessian_top"]["eigenvalues"]))
+        lines.append("Hessian most negative:   " + " ".join(fmt(v) for v in e["hessian_bottom"]["eigenvalues"]))
+        lines.append("GGN top eigenvalues:     " + " ".join(fmt(v) for v in e["ggn_top"]["eigenvalues"]))
+    if "trace" in secs:
+        t = secs["trace"]
+        lines.append(f"trace: Hessian {fmt(t['hessian']['value'])} ± {fmt(t['hessian']['stderr'])}, "
+                     f"GGN {fmt(t['ggn']['value'])} ± {fmt(t['ggn']['stderr'])}")
+    if "condition" in secs and "rank" in secs:
+        c, r = secs["condition"]["ggn"], secs["rank"]["ggn"]
+        lines.append(f"GGN: condition number {fmt(c['value'])}, rank {'≥ ' if r['lower_bound'] else ''}"
+                     f"{r['value']} of {r['size']}")
+    if "stationary" in secs:
+        s = secs["stationary"]
+        lines.append(f"point: {s['kind'].replace('_', ' ')} (curvature: {s['curvature']})")
+    if "ntk" in secs:
+        lines.append(f"NTK ({secs['ntk']['size']}×{secs['ntk']['size']}): largest eigenvalue "
+                     f"{fmt(secs['ntk']['largest'])}")
+    for name, s in summary["sections"].items():
+        if s.get("status") != "ok":
+            lines.append(f"{name}: {s['status']} ({s.get('message')})")
+    for line in lines:
+        print("  " + line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``curvops`` command with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse: --help / --version (0) or a usage error (2)
+        return int(exit_.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return _report(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,555 @@
+"""`curvops report`: the report's numbers against direct library calls and dense truth, the HTML
+against its summary, the CLI (in process and as `python -m curvops`), the user-model path and every
+documented loading error."""
+
+import html as htmllib
+import json
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.func import functional_call, jacrev  # noqa: E402
+
+import curvops  # noqa: E402
+from curvops.cli import main  # noqa: E402
+from curvops.demo import demo_problem  # noqa: E402
+from curvops.report.build import SECTIONS, build_report  # noqa: E402
+from curvops.report.html import fmt, render_html  # noqa: E402
+from curvops.report.loading import SpecError, load_problem, parse_spec  # noqa: E402
+from curvops.testing.contract import assert_unchanged, snapshot  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- the full default run (once) -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("default") / "report"
+    t0 = time.perf_counter()
+    rc = main(["report", str(out), "--no-progress"])
+    seconds = time.perf_counter() - t0
+    summary = json.loads((out / "summary.json").read_text())
+    return rc, seconds, out, summary
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The demo problem exactly as the default run trains it (seed 0, float64)."""
+    model, X, y = demo_problem(seed=0)
+    H = curvops.Hessian(model, "cross_entropy", (X, y))
+    return model, X, y, H, H.to_dense()
+
+
+def test_default_run_finishes_in_time_with_every_section(default_run):
+    rc, seconds, out, summary = default_run
+    assert rc == 0
+    assert seconds < 60, f"the default report took {seconds:.1f} s"
+    assert list(summary["sections"]) == list(SECTIONS)
+    statuses = {k: v["status"] for k, v in summary["sections"].items()}
+    assert all(s == "ok" for s in statuses.values()), statuses
+    assert (out / "index.html").is_file()
+    for key, fig in summary["figures"].items():
+        assert fig["status"] == "ok", (key, fig)
+        assert (out / fig["file"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["settings"]["seed"] == 0 and summary["settings"]["quick"] is False
+    env = summary["environment"]
+    assert env["curvops_version"] == curvops.__version__ and env["device"] == "cpu" and env["dtype"] == "float64"
+    assert set(summary["timings"]) == set(SECTIONS) | {"total"}
+    assert all(v >= 0 for v in summary["timings"].values())
+
+
+def test_overview_matches_the_model(default_run, demo):
+    model, X, y, H, D = demo
+    s = default_run[3]["sections"]["overview"]
+    assert s["num_params"] == sum(p.numel() for p in model.parameters()) == 371
+    assert [t["name"] for t in s["tensors"]] == [n for n, _ in model.named_parameters()]
+    assert [t["shape"] for t in s["tensors"]] == [list(p.shape) for _, p in model.named_parameters()]
+    with torch.no_grad():
+        loss = nn.functional.cross_entropy(model(X), y)
+    assert s["loss"] == pytest.approx(float(loss), rel=1e-12)  # the same model as the report's
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(nn.functional.cross_entropy(functional_call(model, params, (X,)), y),
+                                list(params.values()))
+    assert s["grad_norm"] == pytest.approx(float(torch.cat([g.reshape(-1) for g in grads]).norm()), rel=1e-10)
+    for t, g in zip(s["tensors"], grads):
+        assert t["grad_norm"] == pytest.approx(float(g.norm()), rel=1e-10, abs=1e-15)
+
+
+def test_eigenvalues_match_library_calls_and_dense_truth(default_run, demo):
+    model, X, y, H, D = demo
+    summary = default_run[3]
+    e, b = summary["sections"]["eigenvalues"], summary["settings"]["budgets"]
+    exact = torch.linalg.eigvalsh(D)
+    G = curvops.GGN(model, "cross_entropy", (X, y))
+    top = curvops.eigsh(H, b["top_k"], which="LA", tol=b["eig_tol"], generator=gen())
+    np.testing.assert_allclose(e["hessian_top"]["eigenvalues"], top.eigenvalues.flip(0).numpy(), rtol=1e-9)
+    np.testing.assert_allclose(e["hessian_top"]["eigenvalues"], exact.flip(0)[:b["top_k"]].numpy(), rtol=1e-5)
+    low = curvops.eigsh(H, b["k_negative"], which="SA", tol=b["eig_tol"], relative_to="norm", generator=gen())
+    np.testing.assert_allclose(e["hessian_bottom"]["eigenvalues"], low.eigenvalues.numpy(), rtol=1e-9)
+    np.testing.assert_allclose(e["hessian_bottom"]["eigenvalues"], exact[:b["k_negative"]].numpy(),
+                               atol=1e-5 * float(exact.abs().max()))
+    assert e["hessian_bottom"]["eigenvalues"][0] < 0  # the demo point is a saddle of the Hessian
+    g_exact = torch.linalg.eigvalsh(G.to_dense()).flip(0)[:b["top_k"]]
+    np.testing.assert_allclose(e["ggn_top"]["eigenvalues"], g_exact.numpy(), rtol=1e-5)
+
+
+def test_trace_density_condition_rank_stationary_match(default_run, demo):
+    model, X, y, H, D = demo
+    summary = default_run[3]
+    secs, b = summary["sections"], summary["settings"]["budgets"]
+    tr = curvops.trace(H, method="xtrace", num_matvecs=b["trace_matvecs"], generator=gen())
+    assert secs["trace"]["hessian"]["value"] == pytest.approx(tr.value, rel=1e-10)
+    assert secs["trace"]["hessian"]["stderr"] == pytest.approx(tr.stderr, rel=1e-8)
+    # the estimate is within a few of its stated standard errors of the exact trace
+    assert abs(secs["trace"]["hessian"]["value"] - float(torch.trace(D))) < 5 * secs["trace"]["hessian"]["stderr"]
+
+    dens = secs["density"]["hessian"]
+    grid, phi = np.array(dens["grid"]), np.array(dens["density"])
+    assert np.trapezoid(phi, grid) == pytest.approx(1.0, abs=2e-2)
+    exact = torch.linalg.eigvalsh(D)
+    tol = 1e-6 * float(exact.abs().max())
+    assert float(exact[0]) - tol <= dens["node_min"] and dens["node_max"] <= float(exact[-1]) + tol
+
+    c = secs["condition"]["ggn"]
+    ref = curvops.cond(curvops.GGN(model, "cross_entropy", (X, y)), max_iters=b["cond_max_iters"], generator=gen())
+    assert c["value"] == pytest.approx(ref.value, rel=1e-8) and c["kind"] == "psd"
+
+    r = secs["rank"]["hessian"]
+    assert r["lower_bound"] is False  # the demo model is small: the exact dense path
+    assert r["value"] == int((exact.abs() > r["tol"]).sum())
+    assert r["tol"] == pytest.approx(float(exact.abs().max()) * 371 * torch.finfo(torch.float64).eps, rel=1e-8)
+
+    st = secs["stationary"]
+    assert st["kind"] == "not_stationary" and st["curvature"] == "saddle"
+    assert st["lambda_max"] == pytest.approx(float(exact[-1]), rel=1e-5)
+    assert st["lambda_min"] == pytest.approx(float(exact[0]), rel=1e-3)
+
+
+def test_ntk_eigenvalues_match_a_dense_jacobian(default_run, demo):
+    model, X, y, H, D = demo
+    s = default_run[3]["sections"]["ntk"]
+    n = s["num_inputs"]
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    jac = jacrev(lambda p: functional_call(model, p, (X[:n],)))(params)  # {name: [n, C, *shape]}
+    J = torch.cat([j.reshape(n * 3, -1) for j in jac.values()], dim=1)
+    K_eigs = torch.linalg.eigvalsh(J @ J.T).flip(0)
+    assert s["size"] == n * 3 and s["complete"]
+    np.testing.assert_allclose(s["eigenvalues"], K_eigs.numpy(), rtol=1e-8, atol=1e-9 * float(K_eigs[0]))
+    assert s["trace"] == pytest.approx(float((J ** 2).sum()), rel=1e-10)
+
+
+def test_landscape_matches_the_loss_along_eigenvectors(default_run, demo):
+    model, X, y, H, D = demo
+    s = default_run[3]["sections"]["landscape"]
+    w, V = torch.linalg.eigh(D)
+    params = dict(model.named_parameters())
+    theta = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    for j, c in enumerate(s["curves"][:2]):
+        v = V[:, -1 - j]
+        assert c["eigenvalue"] == pytest.approx(float(w[-1 - j]), rel=1e-5)
+        for t, value in list(zip(s["steps"], c["loss"]))[::10]:
+            # ±v: eigenvectors have a sign ambiguity; the report's curve is one of the two
+            losses = []
+            for sign in (1, -1):
+                flat = theta + sign * t * v
+                p, start = {}, 0
+                for name, q in params.items():
+                    p[name] = flat[start:start + q.numel()].reshape(q.shape)
+                    start += q.numel()
+                losses.append(float(nn.functional.cross_entropy(functional_call(model, p, (X,)), y)))
+            assert min(abs(value - loss) for loss in losses) < 1e-10
+        # the curve's second difference at zero is the eigenvalue (the demo point is nearly stationary)
+        assert c["curvature_from_curve"] == pytest.approx(c["eigenvalue"], rel=0.1)
+    plane = s["plane"]
+    Z = np.array(plane["loss"])
+    mid = len(plane["alphas"]) // 2
+    assert Z.shape == (len(plane["alphas"]), len(plane["betas"]))
+    assert Z[mid, mid] == pytest.approx(s["base_loss"], rel=1e-10)
+
+
+def test_architecture_and_active_subspace_sections(default_run, demo):
+    model, X, y = demo[:3]
+    secs = default_run[3]["sections"]
+    layers = secs["architecture"]["layers"]
+    assert [r["type"] for r in layers] == [type(m).__name__ for m in model]
+    assert sum(r["num_params"] for r in layers) == 371
+    assert layers[0]["param_shapes"] == {"weight": [16, 2], "bias": [16]}
+
+    a = secs["active_subspace"]
+    assert a["num_samples"] == 512 and a["k"] == 371  # all eigenpairs of the small demo problem
+    # oracle: per-sample loss gradients, C = GᵀG / N
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def sample_loss(p, x, t):
+        return nn.functional.cross_entropy(functional_call(model, p, (x[None],)), t[None])
+
+    grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))(params, X, y)
+    G = torch.cat([g.reshape(512, -1) for g in grads.values()], dim=1)
+    U, S, Vh = torch.linalg.svd(G / 512 ** 0.5, full_matrices=False)
+    lam = S ** 2
+    np.testing.assert_allclose(a["eigenvalues"], lam.numpy(), rtol=1e-7, atol=1e-12 * float(lam[0]))
+    assert a["trace"] == pytest.approx(float((G ** 2).sum() / 512), rel=1e-10)
+    k = a["top_k"]
+    V = Vh[:k].T
+    shares = torch.stack([(V[a_:b_] ** 2).sum(0) for a_, b_ in
+                          curvops.Objective(model, "cross_entropy", (X, y)).layout.offsets().values()])
+    np.testing.assert_allclose(a["layer_sensitivity"]["fractions"], shares.numpy(), atol=1e-6)
+    lo, hi = np.array(a["eigenvalue_lower"]), np.array(a["eigenvalue_upper"])
+    assert (lo <= hi).all() and a["bootstrap"] == 50
+
+
+# ---- the HTML is a function of the summary ------------------------------------------------------
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs, self.ids, self.tags, self.text, self._skip = [], set(), [], [], 0
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag in ("style", "script"):
+            self._skip += 1
+        for k, v in attrs:
+            if k in ("src", "href", "srcset", "data", "poster", "action", "background"):
+                self.refs.append((tag, k, v))
+            if k == "id":
+                self.ids.add(v)
+
+    def handle_endtag(self, tag):
+        if tag in ("style", "script"):
+            self._skip -= 1
+
+    def handle_data(self, data):
+        if not self._skip:
+            self.text.append(data)
+
+
+def _leaves(obj):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k
+            yield from _leaves(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _leaves(v)
+    else:
+        yield obj
+
+
+_NUMBER = re.compile(r"\d+(?:\.\d+)?(?:e[+-]?\d+)?")
+
+
+def check_report_html(out: Path, summary: dict) -> None:
+    text = (out / "index.html").read_text(encoding="utf-8")
+    assert render_html(json.loads((out / "summary.json").read_text())) == text  # rendered from summary.json alone
+    parser = _Refs()
+    parser.feed(text)
+    assert not {"script", "link", "iframe", "object", "embed", "base"} & set(parser.tags)
+    style = re.search(r"<style>(.*?)</style>", text, re.S).group(1)
+    assert "url(" not in style and "@import" not in style and "@font-face" not in style
+    assert "http://" not in text and "https://" not in text
+    images = 0
+    for tag, attr, value in parser.refs:
+        assert not re.match(r"^[a-z][a-z0-9+.-]*:|^//", value), (tag, attr, value)  # no scheme, no host
+        if value.startswith("#"):
+            assert value[1:] in parser.ids, value
+        else:
+            assert (out / value).is_file(), value
+            images += tag == "img"
+    assert images == sum(1 for f in summary["figures"].values() if f["file"])
+    # every number on the page is a number (or inside a string) of the summary
+    allowed = set()
+    for leaf in _leaves(summary):
+        allowed.update(_NUMBER.findall(htmllib.unescape(fmt(leaf))))
+    shown = _NUMBER.findall(htmllib.unescape(" ".join(parser.text)))
+    assert shown and set(shown) <= allowed, sorted(set(shown) - allowed)
+
+
+def test_html_is_rendered_from_the_summary_and_references_only_local_files(default_run):
+    rc, seconds, out, summary = default_run
+    check_report_html(out, summary)
+    text = (out / "index.html").read_text()
+    top = summary["sections"]["eigenvalues"]["hessian_top"]["eigenvalues"][0]
+    assert fmt(top) in text and fmt(summary["sections"]["trace"]["hessian"]["value"]) in text
+
+
+# ---- library API, quick mode, the model untouched -------------------------------------------------
+def test_build_report_quick_leaves_the_model_untouched(tmp_path):
+    model, X, y = demo_problem(num_samples=128, steps=100, seed=1)
+    model.train()  # no dropout/BatchNorm: train mode is fine, and must stay
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    before = snapshot(model)
+    summary = build_report(model, "cross_entropy", (X, y), tmp_path, quick=True, progress=False, seed=3,
+                           strict=True)
+    assert_unchanged(before, snapshot(model))
+    assert summary == json.loads((tmp_path / "summary.json").read_text())
+    assert summary["settings"]["quick"] and summary["settings"]["seed"] == 3
+    assert summary["settings"]["budgets"]["top_k"] == 5
+    assert all(s["status"] == "ok" for s in summary["sections"].values())
+    top = curvops.eigsh(curvops.Hessian(model, "cross_entropy", (X, y)), 5, which="LA", generator=gen(3))
+    np.testing.assert_allclose(summary["sections"]["eigenvalues"]["hessian_top"]["eigenvalues"],
+                               top.eigenvalues.flip(0).numpy(), rtol=1e-9)
+    check_report_html(tmp_path, summary)
+
+
+def test_build_report_top_k_sections_and_failing_section(tmp_path, monkeypatch):
+    from curvops.report import build
+
+    model, X, y = demo_problem(num_samples=64, steps=50)
+
+    def broken(ctx):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(build._SECTION_FUNCS, "trace", broken)
+    summary = build_report(model, "cross_entropy", (X, y), tmp_path, quick=True, top_k=3, progress=False,
+                           sections=["eigenvalues", "trace"])
+    assert list(summary["sections"]) == ["overview", "eigenvalues", "trace"]
+    assert len(summary["sections"]["eigenvalues"]["hessian_top"]["eigenvalues"]) == 3
+    assert summary["sections"]["trace"] == {"status": "error", "message": "RuntimeError: boom"}
+    assert "RuntimeError: boom" in (tmp_path / "index.html").read_text()
+    with pytest.raises(RuntimeError, match="boom"):
+        build_report(model, "cross_entropy", (X, y), tmp_path, quick=True, progress=False, strict=True,
+                     sections=["trace"])
+    with pytest.raises(ValueError, match="build_report: expected sections among"):
+        build_report(model, "cross_entropy", (X, y), tmp_path, sections=["nope"], progress=False)
+    with pytest.raises(ValueError, match="build_report: expected top_k ≥ 1"):
+        build_report(model, "cross_entropy", (X, y), tmp_path, top_k=0, progress=False)
+
+
+# ---- the command line -----------------------------------------------------------------------------
+def test_python_dash_m_curvops_quick(tmp_path):
+    out = tmp_path / "rep"
+    proc = subprocess.run([sys.executable, "-m", "curvops", "report", str(out), "--quick", "--no-progress",
+                           "--sections", "eigenvalues,trace"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    top = summary["sections"]["eigenvalues"]["hessian_top"]["eigenvalues"]
+    assert "Hessian top eigenvalues: " + " ".join(fmt(v) for v in top) in proc.stdout
+    assert proc.stderr == ""  # --no-progress: nothing on stderr
+
+
+def test_cli_usage_errors(tmp_path, capsys):
+    assert main(["--version"]) == 0
+    assert main([]) == 2
+    assert main(["report", str(tmp_path / "a"), "--top-k", "0"]) == 2
+    assert "--top-k: expected a positive integer" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "a"), "--sections", "eigenvalues,bogus"]) == 2
+    assert "--sections: expected names among" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "a"), "--data", "m:f"]) == 2
+    assert "--data: given without --model" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "a"), "--model", "m:f"]) == 2
+    assert "--model: expected --data and --loss as well" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "a"), "--params", "nope"]) == 2
+    assert "--params: expected names of the model's parameters" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
+# ---- a user's model: factory, checkpoint, loader -------------------------------------------------
+USER_MODULE = '''
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+def make_model():
+    torch.manual_seed(123)  # the factory's own init; the checkpoint overwrites it
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+
+def make_wide():
+    return nn.Sequential(nn.Linear(3, 9), nn.Tanh(), nn.Linear(9, 4)).double()
+
+def make_longer():
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4), nn.Linear(4, 4)).double()
+
+def make_shorter():
+    return nn.Sequential(nn.Linear(3, 8)).double()
+
+def not_a_model():
+    return 42
+
+def broken_factory():
+    raise RuntimeError("no GPU here")
+
+def _xy():
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    return X, (X[:, 0] > 0).long() + 2 * (X[:, 1] > 0).long()
+
+def load_data():
+    return _xy()
+
+def load_loader():
+    X, y = _xy()
+    return DataLoader(TensorDataset(X, y), batch_size=16)
+
+def load_wrong_features():
+    X, y = _xy()
+    return torch.cat([X, X], dim=1), y
+
+def load_bad_targets():
+    X, y = _xy()
+    return X, y + 10
+
+def load_nothing():
+    return "data"
+'''
+
+
+@pytest.fixture
+def user(tmp_path, monkeypatch):
+    name = f"user_mod_{abs(hash(str(tmp_path))) % 10**8}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(USER_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    ref = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    ckpt = tmp_path / "model.pt"
+    torch.save(ref.state_dict(), ckpt)
+    yield name, ckpt, ref
+    sys.modules.pop(name, None)
+
+
+def _user_args(name, ckpt, out, *extra, model="make_model", data="load_data", loss="cross_entropy"):
+    args = ["report", str(out), "--model", f"{name}:{model}", "--data", f"{name}:{data}", "--loss", loss,
+            "--no-progress", "--quick"]
+    if ckpt is not None:
+        args += ["--checkpoint", str(ckpt)]
+    return args + list(extra)
+
+
+def test_user_model_report_uses_the_checkpoint(user, tmp_path):
+    name, ckpt, ref = user
+    out = tmp_path / "user"
+    assert main(_user_args(name, ckpt, out, "--top-k", "4")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(s["status"] == "ok" for s in summary["sections"].values()), summary["sections"]
+    X = torch.randn(40, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    y = (X[:, 0] > 0).long() + 2 * (X[:, 1] > 0).long()
+    with torch.no_grad():
+        loss = float(nn.functional.cross_entropy(ref(X), y))
+    assert summary["sections"]["overview"]["loss"] == pytest.approx(loss, rel=1e-12)
+    H = curvops.Hessian(ref, "cross_entropy", (X, y))
+    exact = torch.linalg.eigvalsh(H.to_dense()).flip(0)[:4]
+    np.testing.assert_allclose(summary["sections"]["eigenvalues"]["hessian_top"]["eigenvalues"], exact.numpy(),
+                               rtol=1e-5)
+    assert summary["source"]["checkpoint"] == str(ckpt)
+    check_report_html(out, summary)
+
+
+def test_user_model_dataloader_params_float32_and_wrapped_checkpoint(user, tmp_path):
+    name, ckpt, ref = user
+    wrapped = tmp_path / "wrapped.pt"
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}, wrapped)
+    out = tmp_path / "user2"
+    assert main(_user_args(name, wrapped, out, "--params", "2.weight,2.bias", "--dtype", "float32",
+                           "--sections", "eigenvalues", data="load_loader")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["environment"]["dtype"] == "float32"
+    assert summary["sections"]["overview"]["num_params"] == 8 * 4 + 4
+    assert summary["settings"]["params"] == ["2.weight", "2.bias"]
+    X = torch.randn(40, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    y = (X[:, 0] > 0).long() + 2 * (X[:, 1] > 0).long()
+    H = curvops.Hessian(ref, "cross_entropy", (X, y), params=["2.weight", "2.bias"])
+    exact = torch.linalg.eigvalsh(H.to_dense()).flip(0)[:5]
+    np.testing.assert_allclose(summary["sections"]["eigenvalues"]["hessian_top"]["eigenvalues"], exact.numpy(),
+                               rtol=1e-4)
+
+
+def test_load_problem_leaves_a_given_checkpoint_and_loads_it(user):
+    name, ckpt, ref = user
+    p = load_problem(model=f"{name}:make_model", data=f"{name}:load_data", loss="cross_entropy",
+                     checkpoint=str(ckpt), params="0.weight, 0.bias")
+    assert not p.model.training and p.params == ["0.weight", "0.bias"]
+    for (k, a), b in zip(p.model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("case, match", [
+    (dict(model="no_colon"), r"--model: expected a spec of the form 'pkg.module:name'"),
+    (dict(model="bad spec:make_model"), r"--model: expected a spec of the form"),
+    (dict(data="{name}:"), r"--data: expected a spec of the form"),
+    (dict(model="curvops_no_such_module_xyz:f"), r"--model: expected an importable module, got "
+                                                 r"'curvops_no_such_module_xyz'"),
+    (dict(model="{name}:missing"), r"--model: expected module '.*' to define 'missing', but it has no attribute"),
+    (dict(data="{name}:missing"), r"--data: expected module '.*' to define 'missing'"),
+    (dict(model="{name}:not_a_model"), r"--model: expected '.*:not_a_model' to return a torch.nn.Module, got int"),
+    (dict(model="{name}:broken_factory"), r"--model: calling broken_factory\(\) failed: RuntimeError: no GPU here"),
+    (dict(checkpoint="{tmp}/missing.pt"), r"--checkpoint: expected an existing file, got '.*missing.pt' \(not found\)"),
+    (dict(model="{name}:make_longer"), r"--checkpoint: expected the keys of the model's state_dict\(\), got "
+                                       r"missing keys \['3.weight', '3.bias'\] in"),
+    (dict(model="{name}:make_shorter"), r"--checkpoint: expected the keys of the model's state_dict\(\), got "
+                                        r"unexpected keys \['2.weight', '2.bias'\] in"),
+    (dict(model="{name}:make_wide"), r"--checkpoint: expected tensors shaped like the model's, got mismatched "
+                                     r"shapes \(0.weight: checkpoint \(8, 3\) vs model \(9, 3\)"),
+    (dict(checkpoint="{tmp}/garbage.pt"), r"--checkpoint: expected a file saved with torch.save"),
+    (dict(checkpoint="{tmp}/list.pt"), r"--checkpoint: expected a state dict"),
+    (dict(data="{name}:load_wrong_features"), r"--data: expected inputs the model accepts, but the model failed on "
+                                              r"the first sample \(input shape \(1, 6\) float64\)"),
+    (dict(data="{name}:load_bad_targets"), r"--loss: expected targets that fit 'cross_entropy'.*class targets"),
+    (dict(data="{name}:load_nothing"), r"--data: expected '.*:load_nothing' to return \(X, y\) tensors or a torch "
+                                       r"DataLoader, got a str"),
+    (dict(loss="hinge"), r"--loss: expected one of \['mse', 'cross_entropy', 'bce_with_logits'\], got 'hinge' "
+                         r"\(unknown loss\)"),
+    (dict(params="0.weight,nope"), r"--params: expected names of the model's parameters, got unknown \['nope'\]"),
+    (dict(dtype="float16"), r"--dtype: expected one of \['float32', 'float64'\], got 'float16'"),
+    (dict(batch_size=8, data="{name}:load_loader"), r"--batch-size: applies to data returned as \(X, y\)"),
+])
+def test_loading_errors(user, tmp_path, capsys, case, match):
+    name, ckpt, ref = user
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    kw = dict(model=f"{name}:make_model", data=f"{name}:load_data", loss="cross_entropy", checkpoint=str(ckpt))
+    kw.update({k: v.format(name=name, tmp=tmp_path) if isinstance(v, str) else v for k, v in case.items()})
+    with pytest.raises((ValueError, TypeError, ImportError, OSError), match=match):
+        load_problem(**kw)
+    # the command: the message on stderr, no traceback, exit status 2, nothing written
+    out = tmp_path / "never"
+    args = ["report", str(out), "--model", kw["model"], "--data", kw["data"], "--loss", kw["loss"],
+            "--checkpoint", kw["checkpoint"], "--no-progress"]
+    for opt in ("params", "dtype", "batch_size"):
+        if opt in kw:
+            args += [f"--{opt.replace('_', '-')}", str(kw[opt])]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("curvops report: error: ") and re.search(match, err) and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_parse_spec_and_file_specs(tmp_path):
+    assert parse_spec("a.b.c:make.build", "--model") == ("a.b.c", "make.build")
+    with pytest.raises(SpecError, match="--model: expected a spec"):
+        parse_spec("a.b", "--model")
+    f = tmp_path / "models_file.py"
+    f.write_text("import torch\nfrom torch import nn\n\ndef make():\n    return nn.Linear(2, 3).double()\n\n"
+                 "def data():\n    return torch.zeros(5, 2).double(), torch.zeros(5, 3).double()\n")
+    p = load_problem(model=f"{f}:make", data=f"{f}:data", loss="mse")
+    assert isinstance(p.model, nn.Linear)
+    with pytest.raises(FileNotFoundError, match="--model: expected an existing Python file"):
+        load_problem(model=f"{tmp_path}/nope.py:make", data=f"{f}:data", loss="mse")
+
+
+def test_console_script_is_installed():
+    import shutil
+
+    exe = shutil.which("curvops")
+    if exe is None:
+        pytest.skip("the curvops console script is not installed (pip install -e .)")
+    proc = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"curvops {curvops.__version__}"
