@@ -1,8 +1,9 @@
 """curvops: the curvature of any PyTorch model as lazy, matrix-free operators."""
 
 from . import linalg
-from . import analysis
+from . import analysis, report
 from .analysis import (
+    ActiveSubspaceResult, active_subspace, active_subspace_convergence, per_sample_gradients,
     LandscapeResult, QuadraticModel, StationaryPointResult, TrackResult, across_checkpoints, across_models,
     activation_along, classify_stationary_point, loss_along, loss_plane, per_subset, random_direction, track,
 )
@@ -12,7 +13,7 @@ from .linalg import (
 )
 from .objective import Objective
 from .operators import (
-    ActivationHessian, CrossHessian, GradientCovariance, HessianResidual, OutputHessian, submatrix,
+    ActivationHessian, CrossHessian, GradientCovariance, GradientFactor, HessianResidual, OutputHessian, submatrix,
     GGN, PSD, SYMMETRIC, Dense, DeterminismReport, Diagonal, EmpiricalFisher, Fisher, Hessian, Identity,
     Jacobian, NTK, LowRank, Operator, ParamLayout, as_operator, block_diag, check_deterministic, func_operator, restrict, tag,
     HypergradientResult, MixedDerivative, ParameterHessian, ResponseJacobian, StationarityWarning, hypergradient,
@@ -25,7 +26,8 @@ __all__ = [
     "nystrom", "solve", "inverse", "rank", "cond", "spectral_norm", "nuclear_norm", "classify_stationary_point",
     "StationaryPointResult", "analysis", "QuadraticModel", "LandscapeResult", "loss_along", "loss_plane",
     "activation_along", "random_direction", "per_subset", "across_models", "across_checkpoints", "track",
-    "TrackResult",
+    "TrackResult", "active_subspace", "active_subspace_convergence", "per_sample_gradients", "ActiveSubspaceResult",
+    "GradientFactor", "report",
     "ResponseJacobian", "MixedDerivative", "ParameterHessian", "hypergradient", "HypergradientResult",
     "StationarityWarning",
     "Objective", "Operator", "Jacobian", "NTK", "GradientCovariance", "ActivationHessian", "OutputHessian", "HessianResidual", "CrossHessian", "submatrix", "ParamLayout", "Hessian", "GGN", "Fisher", "EmpiricalFisher",

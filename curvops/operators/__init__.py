@@ -1,7 +1,7 @@
 """Lazy operators: the protocol, the algebra, helpers and the curvature matrices."""
 
 from .activation import ActivationHessian
-from .covariance import GradientCovariance
+from .covariance import GradientCovariance, GradientFactor
 from .blocks import CrossHessian, submatrix
 from .output_hessian import HessianResidual, OutputHessian
 from .algebra import as_operator, block_diag, func_operator, restrict, tag
@@ -21,7 +21,7 @@ from .tags import PSD, SYMMETRIC
 __all__ = [
     "Operator", "ParamLayout", "as_operator", "block_diag", "func_operator", "restrict", "tag",
     "Dense", "Diagonal", "Identity", "LowRank", "Hessian", "GGN", "Fisher", "EmpiricalFisher",
-    "Jacobian", "NTK", "GradientCovariance", "ActivationHessian", "OutputHessian", "HessianResidual", "CrossHessian", "submatrix", "check_deterministic", "DeterminismReport", "PSD", "SYMMETRIC",
+    "Jacobian", "NTK", "GradientCovariance", "GradientFactor", "ActivationHessian", "OutputHessian", "HessianResidual", "CrossHessian", "submatrix", "check_deterministic", "DeterminismReport", "PSD", "SYMMETRIC",
     "ResponseJacobian", "MixedDerivative", "ParameterHessian", "hypergradient", "HypergradientResult",
     "StationarityWarning",
 ]
