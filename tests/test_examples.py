@@ -78,3 +78,42 @@ def test_track_training_example(tmp_path, capsys):
     torch.testing.assert_close(res["bottom"][-1, 0], ev[0], rtol=1e-4, atol=1e-8)
     assert float(res["ratio"][-1]) < 0.1 * float(res["ratio"][0])  # what this run shows (seeds/001)
     assert "falls below a tenth" in capsys.readouterr().out
+
+
+def test_active_subspace_seed_example(tmp_path, capsys):
+    mod = runpy.run_path(str(ROOT / "examples" / "active_subspace_seed.py"), run_name="example")
+    res = mod["main"](str(tmp_path / "as"), num_samples=400, width=8, depth=3, train_steps=100, bootstrap=5,
+                      top=10, sample_sizes=[100, 200, 400])
+    for name in ("as_decay.png", "as_eigenvectors.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+    lam = res["eigenvalues"]
+    assert res["P"] == 1 * 8 + 8 + 2 * (8 * 8 + 8) + 8 + 1 and lam.shape == (res["P"],)
+    assert bool((lam[:-1] >= lam[1:]).all()) and float(lam[-1]) >= 0
+    # the snapshot spectrum is the dense one: C from torch.func per-sample gradients
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    model = mod["seed_network"](8, 3)
+    mod["fit"](model, *_seed_data(400), 100)
+    X, y = _seed_data(400)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss_i(p, x, t):
+        return torch.nn.functional.mse_loss(functional_call(model, p, (x[None],)), t[None])
+
+    G = vmap(grad(loss_i), in_dims=(None, 0, 0))(params, X, y)
+    G = torch.cat([G[n].reshape(400, -1) for n in params], 1)
+    exact = torch.linalg.eigvalsh(G.T @ G / 400).flip(0)
+    torch.testing.assert_close(lam[:10], exact[:10], rtol=1e-8, atol=1e-14 * float(exact[0]))
+    assert abs(sum(res["lead"].values()) - 1) < 1e-12
+    conv = res["convergence"]
+    assert float(conv.subspace_distances[-1].abs().max()) < 1e-12  # the reference is the largest N
+    assert "subspace distance of the top-r subspace" in capsys.readouterr().out
+
+
+def _seed_data(n):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    X = 2 * torch.rand(n, 1, generator=gen, dtype=torch.float64) - 1
+    return X, torch.sin(3 * X) + 0.3 * X**2
