@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.func import jacrev
 
 import importlib
 
@@ -46,17 +45,7 @@ def linear_problem(N: int, seed: int = 0, scales=(3.0, 1.5, 0.7, 0.2)) -> zoo.Pr
     return zoo.Problem("linear", model, X, torch.randn(N, 2, generator=gen, dtype=D), "mse", "mean")
 
 
-def oracle_gradients(problem, g=None) -> torch.Tensor:
-    """G [N, P] by jacrev of the per-sample values on the flat parameters (no curvops code)."""
-    theta = oracles.flat_params(problem)
-
-    def values(th):
-        out = oracles.forward(problem, th, problem.X)
-        if g is not None:
-            return g(out, problem.y)
-        return torch.stack([oracles.loss_fn(problem, out[i:i + 1], problem.y[i:i + 1]) for i in range(problem.N)])
-
-    return jacrev(values)(theta).detach()
+oracle_gradients = oracles.per_sample_gradients  # G [N, P] from the dense oracle
 
 
 def oracle_eig(G, w=None, center=False):

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch.func import jacrev
 
 import curvops
 from curvops import EmpiricalFisher, GradientCovariance
@@ -13,17 +12,7 @@ from curvops.testing.zoo import CASES
 D = torch.float64
 
 
-def per_sample_gradients(problem, g=None):
-    """G [N, P]: rows ∇g_i, from the oracle's flat-parameter forward (shares no operator code)."""
-    theta = oracles.flat_params(problem)
-
-    def values(th):
-        out = oracles.forward(problem, th, problem.X)
-        if g is not None:
-            return g(out, problem.y)
-        return torch.stack([oracles.loss_fn(problem, out[i:i + 1], problem.y[i:i + 1]) for i in range(problem.N)])
-
-    return jacrev(values)(theta).detach()
+per_sample_gradients = oracles.per_sample_gradients  # G [N, P] from the dense oracle
 
 
 @pytest.mark.parametrize("case", ["linear_mse", "mlp_ce", "conv_ce", "dict_mse", "function_ce", "mlp_bce"])

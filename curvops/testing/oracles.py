@@ -129,3 +129,16 @@ ORACLES = {
     "Fisher": fisher_dense,
     "EmpiricalFisher": empirical_fisher_dense,
 }
+
+
+def per_sample_gradients(problem: Problem, g=None) -> Tensor:
+    """G [N, P]: rows ∇g_i (per-sample loss, or ``g(outputs, targets) -> [N]``) by jacrev on the flat parameters."""
+    theta = flat_params(problem)
+
+    def values(th):
+        out = forward(problem, th, problem.X)
+        if g is not None:
+            return g(out, problem.y)
+        return torch.stack([loss_fn(problem, out[i:i + 1], problem.y[i:i + 1]) for i in range(problem.N)])
+
+    return jacrev(values)(theta).detach()
