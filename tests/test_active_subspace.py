@@ -232,6 +232,24 @@ def test_bootstrap_on_the_krylov_and_operator_paths(monkeypatch):
         assert float(res.bootstrap_eigenvalues.max()) < 10 * float(ref.eigenvalues[0])
 
 
+@pytest.mark.parametrize("k", [None, 3])
+def test_bootstrap_of_a_float32_model_matches_float64(k):
+    """Issue 10: bootstrap on a float32 model crashed in torch.quantile (dtype of the levels)."""
+    p = mlp_problem(60)
+    ref = active_subspace(p.model, "cross_entropy", p.data, k=k, bootstrap=20, confidence=0.9, generator=_gen(3))
+    model32 = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    model32.load_state_dict({n: t.float() for n, t in p.model.state_dict().items()})
+    res = active_subspace(model32, "cross_entropy", (p.X.float(), p.y), k=k, bootstrap=20, confidence=0.9,
+                          generator=_gen(3))
+    assert res.eigenvalues.dtype == torch.float32 and res.eigenvalue_lower.dtype == torch.float32
+    top = 3  # the leading eigenvalues: well above float32 rounding of the smallest ones
+    for name in ("eigenvalues", "eigenvalue_lower", "eigenvalue_upper"):
+        torch.testing.assert_close(getattr(res, name)[:top].double(), getattr(ref, name)[:top], rtol=1e-4, atol=0)
+    torch.testing.assert_close(res.subspace_distance_upper[:2], ref.subspace_distance_upper[:2], rtol=0, atol=1e-3)
+    assert bool((res.eigenvalue_lower[:top] <= res.eigenvalues[:top]).all())
+    assert bool((res.eigenvalues[:top] <= res.eigenvalue_upper[:top]).all())
+
+
 @pytest.mark.parametrize("N", [12, 48])
 def test_bootstrap_of_all_eigenpairs(monkeypatch, N):
     """Gram (N < P) and eigh-of-C (N ≥ P) paths: replicates with repeated rows have lower rank."""

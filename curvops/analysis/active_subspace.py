@@ -965,11 +965,18 @@ def _bootstrap(factor, algorithm: str, k, lam: Tensor, W: Tensor, B: int, confid
         factor.num_matvecs += rep.num_matvecs
         factor.num_passes += rep.num_passes
     L, D = torch.stack(lams), torch.stack(dists)
-    q = torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=L.dtype, device=L.device)
-    lq, dq = torch.quantile(L, q, dim=0), torch.quantile(D, q, dim=0)
+    levels = ((1 - confidence) / 2, (1 + confidence) / 2)
+    # each in its own dtype: the eigenvalues follow the model's (float32 too), the distances are float64
+    lq, dq = _quantiles(L, levels), _quantiles(D, levels)
     return dict(eigenvalue_lower=lq[0], eigenvalue_upper=lq[1], subspace_distance_mean=D.mean(0),
                 subspace_distance_lower=dq[0], subspace_distance_upper=dq[1], bootstrap_eigenvalues=L,
                 bootstrap_distances=D)
+
+
+def _quantiles(T: Tensor, levels: tuple[float, float]) -> Tensor:
+    """``[2, ...]``: the ``levels`` quantiles of T over its first dimension (torch.quantile wants q in T's dtype)."""
+    q = torch.tensor(levels, dtype=T.dtype, device=T.device)
+    return torch.quantile(T, q, dim=0)
 
 
 def active_subspace_convergence(model_or_objective, loss=None, data=None, *, sample_sizes: Sequence[int], k: int,
