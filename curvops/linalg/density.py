@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ._checks import check_choice, check_flag, check_generator, check_int, check_optional_int, check_real
 from .lanczos import as_square_operator, lanczos, random_block, small_dtype, tridiagonal
 
 #: entries of the (grid × nodes) kernel matrix evaluated at once
@@ -92,15 +93,9 @@ def slq_quadrature(A, *, num_probes: int, num_steps: int, distribution: str = "r
         ‖v‖² of the un-normalized probes (n for Rademacher).
     """
     n = A.shape[0]
-    if not isinstance(num_probes, int) or num_probes < 1:
-        raise ValueError(f"{api}: expected num_probes ≥ 1, got {num_probes!r}.")
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"{api}: expected num_steps ≥ 1, got {num_steps!r}.")
-    if distribution not in ("rademacher", "normal"):
-        raise ValueError(f"{api}: expected distribution 'rademacher' or 'normal', got {distribution!r}.")
-    batch = num_probes if probe_batch_size is None else int(probe_batch_size)
-    if batch < 1:
-        raise ValueError(f"{api}: expected probe_batch_size ≥ 1, got {probe_batch_size!r}.")
+    num_probes, num_steps, probe_batch_size, generator = _check_slq_args(
+        A, num_probes, num_steps, distribution, generator, probe_batch_size, api)
+    batch = num_probes if probe_batch_size is None else probe_batch_size
     m = min(num_steps, n)
     sdtype = small_dtype(A.device)
     nodes, weights, norms = [], [], []
@@ -113,6 +108,17 @@ def slq_quadrature(A, *, num_probes: int, num_steps: int, distribution: str = "r
         weights.append(S[:, 0, :] ** 2)
         norms.append((V.to(sdtype) ** 2).sum(dim=0))
     return torch.cat(nodes), torch.cat(weights), torch.cat(norms), num_probes * m
+
+
+def _check_slq_args(A, num_probes, num_steps, distribution, generator, probe_batch_size, api: str):
+    """The arguments every SLQ caller shares, checked before any product: ``(num_probes, num_steps,
+    probe_batch_size, generator)`` normalized (ints, a generator or None)."""
+    num_probes = check_int(num_probes, "num_probes", api, minimum=1)
+    num_steps = check_int(num_steps, "num_steps", api, minimum=1)
+    check_choice(distribution, "distribution", ("rademacher", "normal"), api)
+    probe_batch_size = check_optional_int(probe_batch_size, "probe_batch_size", api, minimum=1)
+    generator = check_generator(generator, api, A.device)
+    return num_probes, num_steps, probe_batch_size, generator
 
 
 def slq_trace(A, f: Callable[[Tensor], Tensor], *, num_probes: int, num_steps: int,
@@ -187,8 +193,25 @@ def spectral_density(A, *, num_probes: int = 10, num_steps: int = 80, grid: Tens
     """
     api = "spectral_density"
     A = as_square_operator(A, api)
-    if sigma is not None and not (sigma > 0 and math.isfinite(sigma)):
-        raise ValueError(f"{api}: expected sigma > 0, got {sigma!r}.")
+    if sigma is not None:
+        sigma = check_real(sigma, "sigma", api, minimum=0.0, strict=True, expected="sigma > 0",
+                           fix="Pass a positive width, or sigma=None for 1 % of the spread of the spectrum.")
+    if grid is None:
+        num_points = check_int(num_points, "num_points", api, minimum=2)
+    else:
+        try:
+            grid = torch.as_tensor(grid)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"{api}: expected grid as a 1-D tensor or array of points, got "
+                            f"{type(grid).__name__}.") from err
+        if grid.dim() != 1 or grid.numel() == 0:
+            raise ValueError(f"{api}: expected a 1-D grid, got shape {tuple(grid.shape)}.")
+        if grid.is_complex() or grid.dtype == torch.bool:
+            raise TypeError(f"{api}: expected a grid of real points, got dtype {grid.dtype}.")
+        if grid.is_floating_point() and not bool(torch.isfinite(grid).all()):
+            raise ValueError(f"{api}: expected a grid of finite points, got NaN or Inf entries.")
+    num_probes, num_steps, probe_batch_size, generator = _check_slq_args(
+        A, num_probes, num_steps, distribution, generator, probe_batch_size, api)
     nodes, weights, _, mv = slq_quadrature(A, num_probes=num_probes, num_steps=num_steps,
                                            distribution=distribution, generator=generator,
                                            probe_batch_size=probe_batch_size, api=api)
@@ -197,8 +220,6 @@ def spectral_density(A, *, num_probes: int = 10, num_steps: int = 80, grid: Tens
         spread = hi - lo
         sigma = 0.01 * spread if spread > 0 else 0.01 * max(abs(hi), 1.0)
     if grid is None:
-        if not isinstance(num_points, int) or num_points < 2:
-            raise ValueError(f"{api}: expected num_points ≥ 2, got {num_points!r}.")
         grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, num_points, dtype=nodes.dtype, device=nodes.device)
     else:
         grid = torch.as_tensor(grid).to(dtype=nodes.dtype, device=nodes.device)
@@ -261,14 +282,16 @@ def logdet(A, *, damping: float = 0.0, num_probes: int = 30, num_steps: int = 30
     """
     api = "logdet"
     A = as_square_operator(A, api)
+    assume_psd = check_flag(assume_psd, "assume_psd", api)
     if not (A.is_psd or assume_psd):
         raise ValueError(
             f"{api}: expected an operator tagged 'psd', got tags {sorted(A.tags) or 'none'}. The log-determinant "
             f"needs a positive (semi)definite operator: tag it with curvops.tag(A, 'psd') or pass assume_psd=True "
             f"if you know it is; for an indefinite operator log|det| is not estimated here."
         )
-    if not (damping >= 0 and math.isfinite(damping)):
-        raise ValueError(f"{api}: expected damping ≥ 0, got {damping!r}.")
+    damping = check_real(damping, "damping", api, minimum=0.0, expected="damping ≥ 0")
+    num_probes, num_steps, probe_batch_size, generator = _check_slq_args(
+        A, num_probes, num_steps, distribution, generator, probe_batch_size, api)
     eps = torch.finfo(A.torch_dtype).eps
 
     def f(theta: Tensor) -> Tensor:

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._checks import check_choice, check_generator
 from .trace import (
-    DISTRIBUTIONS, _blocks, _check_budget, _exact_diagonal, _operator, _probes, _product,
+    DISTRIBUTIONS, _blocks, _check_block_size, _check_budget, _exact_diagonal, _operator, _probes, _product,
     _safe_inverse_transpose, _work_dtype,
 )
 
@@ -96,16 +97,17 @@ def diagonal(A, *, method: str = "xdiag", num_matvecs: int = 100, distribution: 
         Trace Estimation*.
     """
     api = f"diagonal({method})" if isinstance(method, str) else "diagonal"
-    if method not in DIAGONAL_METHODS:
-        raise ValueError(f"diagonal: expected method in {DIAGONAL_METHODS}, got {method!r}.")
+    check_choice(method, "method", DIAGONAL_METHODS, "diagonal")
     A = _operator(A, api)
     n = A.shape[0]
-    if method == "exact" or (method == "xdiag" and _check_budget(num_matvecs, 4, api) >= n):
+    # num_matvecs is ignored by "exact", but must still be a count (a typo there is a bug too)
+    m = _check_budget(num_matvecs, {"hutchinson": 1, "xdiag": 4, "exact": 0}[method], api)
+    check_choice(distribution, "distribution", DISTRIBUTIONS, api)
+    generator = check_generator(generator, api, A.device)
+    block_size = _check_block_size(block_size, api)
+    if method == "exact" or (method == "xdiag" and m >= n):
         d = _exact_diagonal(A, block_size or 256, api).to(A.torch_dtype)
         return DiagonalResult(d, torch.zeros_like(d), n, "exact")
-    m = _check_budget(num_matvecs, 1, api)
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"{api}: expected distribution in {DISTRIBUTIONS}, got {distribution!r}.")
     gen = dict(distribution=distribution, generator=generator, dtype=A.torch_dtype, device=A.device, api=api)
     work = _work_dtype(A.device)
     if method == "hutchinson":

@@ -37,6 +37,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ._checks import check_choice, check_flag, check_generator, check_int, check_optional_int, check_real
+
 WHICH = ("LA", "SA", "LM", "BE")
 
 
@@ -210,8 +212,9 @@ def lanczos(A, v0: Tensor, num_steps: int, *, reorthogonalize: bool = True,
     api = "lanczos"
     A = as_square_operator(A, api)
     n = A.shape[0]
-    if not isinstance(num_steps, int) or not 1 <= num_steps <= n:
-        raise ValueError(f"{api}: expected 1 ≤ num_steps ≤ n = {n}, got {num_steps!r}.")
+    num_steps = check_int(num_steps, "num_steps", api, minimum=1, maximum=n, expected=f"1 ≤ num_steps ≤ n = {n}")
+    reorthogonalize = check_flag(reorthogonalize, "reorthogonalize", api)
+    generator = check_generator(generator, api, A.device)
     v0 = torch.as_tensor(v0)
     single = v0.dim() == 1
     V = v0[:, None] if single else v0
@@ -382,25 +385,24 @@ def eigsh(A, k: int = 6, *, which: str = "LA", tol: float = 1e-6, relative_to: s
     api = "eigsh"
     A = as_square_operator(A, api)
     n = A.shape[0]
-    if which not in WHICH:
-        raise ValueError(f"{api}: expected which in {WHICH}, got {which!r}.")
-    if relative_to not in ("eigenvalue", "norm"):
-        raise ValueError(f"{api}: expected relative_to 'eigenvalue' or 'norm', got {relative_to!r}.")
-    if not isinstance(k, int) or k < 1 or k >= n:
-        raise ValueError(
-            f"{api}: expected 1 ≤ k < n = {n}, got k={k!r}. For all eigenvalues of a small operator use "
-            f"torch.linalg.eigvalsh(A.to_dense())."
-        )
-    b = block_size
-    if not isinstance(b, int) or b < 1 or (b > 1 and k + 2 * b > n):
+    check_choice(which, "which", WHICH, api)
+    check_choice(relative_to, "relative_to", ("eigenvalue", "norm"), api)
+    k = check_int(
+        k, "k", api, minimum=1, maximum=n - 1, expected=f"1 ≤ k < n = {n}", named=True,
+        fix="For all eigenvalues of a small operator use torch.linalg.eigvalsh(A.to_dense()).",
+    )
+    b = check_int(block_size, "block_size", api, minimum=1, expected="1 ≤ block_size")
+    if b > 1 and k + 2 * b > n:
         raise ValueError(f"{api}: expected 1 ≤ block_size with k + 2·block_size ≤ n = {n} (or 1), got {b!r}.")
     cap = n if b == 1 else n - b
-    m = _default_ncv(n, k, b) if ncv is None else ncv
-    if not isinstance(m, int) or not k + b <= m <= cap:
+    m = _default_ncv(n, k, b) if ncv is None else check_int(ncv, "ncv", api)
+    if not k + b <= m <= cap:
         raise ValueError(f"{api}: expected k + block_size = {k + b} ≤ ncv ≤ {cap}, got ncv={m!r}.")
-    if not tol >= 0:
-        raise ValueError(f"{api}: expected tol ≥ 0, got {tol!r}.")
-    max_iters = max(100, 20 * m // b) if max_iters is None else int(max_iters)
+    tol = check_real(tol, "tol", api, minimum=0.0, fix="tol=0 means machine precision.")
+    max_iters = check_optional_int(max_iters, "max_iters", api, minimum=1)
+    return_eigenvectors = check_flag(return_eigenvectors, "return_eigenvectors", api)
+    generator = check_generator(generator, api, A.device)
+    max_iters = max(100, 20 * m // b) if max_iters is None else max_iters
 
     dtype, device = A.torch_dtype, A.device
     sdtype = small_dtype(device)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..operators import Operator
+from ._checks import check_flag, check_generator, check_int, check_optional_int, check_real
 from .svd import nystrom
 from .trace import _operator, _product
 
@@ -147,8 +148,9 @@ def nystrom_preconditioner(A, rank: int, damping: float = 0.0, *, oversample: in
         Frangella, Tropp, Udell (2023). *Randomized Nyström Preconditioning*.
     """
     api = "nystrom_preconditioner"
-    if not math.isfinite(damping) or damping < 0:
-        raise ValueError(f"{api}: expected a finite damping >= 0, got {damping}.")
+    damping = check_real(damping, "damping", api, minimum=0.0, expected="a finite damping >= 0")
+    rank = check_int(rank, "rank", api, minimum=1, expected="1 <= rank", fix="Pass the rank of the approximation.")
+    assume_psd = check_flag(assume_psd, "assume_psd", api)
     approx = nystrom(A, rank, oversample=oversample, generator=generator, assume_psd=assume_psd)
     lam = approx.S
     floor = 10 * torch.finfo(lam.dtype).eps * max(float(lam[0]), damping)
@@ -216,6 +218,11 @@ def _check_x0(A, x0, K: int, vector: bool, api: str) -> Tensor | None:
     expected = (N,) if vector else (N, K)
     if tuple(x0.shape) != expected:
         raise ValueError(f"{api}: expected x0 of shape {list(expected)}, got {tuple(x0.shape)}.")
+    if x0.is_complex() or x0.dtype == torch.bool:
+        raise TypeError(f"{api}: expected a real x0, got dtype {x0.dtype}. Convert with x0.to({A.torch_dtype}).")
+    if x0.is_floating_point() and not bool(torch.isfinite(x0).all()):
+        raise ValueError(f"{api}: expected a finite initial guess x0, got NaN or Inf entries. Pass x0=None to "
+                         f"start from zero.")
     x0 = x0.to(dtype=A.torch_dtype, device=A.device)
     return x0[:, None] if vector else x0
 
@@ -491,6 +498,27 @@ def _make_preconditioner(A, preconditioner, method, damping, rank, generator, as
     return P, 0
 
 
+def _check_options(A, method: str, damping, rtol, atol, max_iters, preconditioner_rank, generator, flags: dict,
+                   api: str):
+    """The settings :func:`solve` and :func:`inverse` share, checked before any product.
+
+    Returns ``(damping, rtol, atol, max_iters, preconditioner_rank, generator)`` normalized;
+    ``flags`` (``assume_psd=…``) are checked to be bools.
+    """
+    for name, value in flags.items():
+        check_flag(value, name, api)
+    damping = check_real(damping, "damping", api, expected="a finite float damping")
+    if method in ("cg", "lsmr") and damping < 0:
+        raise ValueError(f"{api}: expected damping >= 0, got {damping}. Use method='minres' for a negative shift.")
+    rtol = check_real(rtol, "rtol", api, minimum=0.0, expected="rtol >= 0")
+    atol = check_real(atol, "atol", api, minimum=0.0, expected="atol >= 0")
+    max_iters = check_optional_int(max_iters, "max_iters", api, minimum=0, expected="max_iters >= 0",
+                                   fix="Pass None for the default min(10n, 1000).")
+    preconditioner_rank = check_int(preconditioner_rank, "preconditioner_rank", api, minimum=1)
+    generator = check_generator(generator, api, A.device)
+    return damping, rtol, atol, max_iters, preconditioner_rank, generator
+
+
 def solve(A, b: Tensor, *, method: str = "auto", damping: float = 0.0, preconditioner=None,
           rtol: float = 1e-6, atol: float = 0.0, max_iters: int | None = None, x0: Tensor | None = None,
           assume_psd: bool = False, assume_symmetric: bool = False, preconditioner_rank: int = 50,
@@ -558,20 +586,17 @@ def solve(A, b: Tensor, *, method: str = "auto", damping: float = 0.0, precondit
     """
     api = f"solve({method})" if isinstance(method, str) else "solve"
     A = _operator(A, api, square=False)
+    flags = dict(assume_psd=assume_psd, assume_symmetric=assume_symmetric, strict=strict)
+    for name, value in flags.items():
+        check_flag(value, name, api)
     method = _resolve_method(A, method, assume_psd, assume_symmetric, api)
     api = f"solve({method})"
-    if not isinstance(damping, (int, float)) or not math.isfinite(damping):
-        raise ValueError(f"{api}: expected a finite float damping, got {damping!r}.")
-    if method in ("cg", "lsmr") and damping < 0:
-        raise ValueError(f"{api}: expected damping >= 0, got {damping}. Use method='minres' for a negative shift.")
-    if rtol < 0 or atol < 0:
-        raise ValueError(f"{api}: expected rtol >= 0 and atol >= 0, got rtol={rtol}, atol={atol}.")
+    damping, rtol, atol, max_iters, preconditioner_rank, generator = _check_options(
+        A, method, damping, rtol, atol, max_iters, preconditioner_rank, generator, flags, api)
     B, vector = _check_rhs(A, b, api)
     X0 = _check_x0(A, x0, B.shape[1], vector, api)
     n = A.shape[1]
-    max_iters = min(10 * n, 1000) if max_iters is None else int(max_iters)
-    if max_iters < 0:
-        raise ValueError(f"{api}: expected max_iters >= 0, got {max_iters}.")
+    max_iters = min(10 * n, 1000) if max_iters is None else max_iters
     P, pre_cost = _make_preconditioner(A, preconditioner, method, damping, preconditioner_rank, generator,
                                        assume_psd, api)
     if method == "cg":
@@ -696,12 +721,13 @@ def inverse(A, *, damping: float = 0.0, method: str = "auto", rtol: float = 1e-6
     """
     api = f"inverse({method})" if isinstance(method, str) else "inverse"
     A = _operator(A, api, square=False)
+    flags = dict(assume_psd=assume_psd, assume_symmetric=assume_symmetric, strict=strict, warn=warn)
+    for name, value in flags.items():
+        check_flag(value, name, api)
     method = _resolve_method(A, method, assume_psd, assume_symmetric, api)
     api = f"inverse({method})"
-    if not isinstance(damping, (int, float)) or not math.isfinite(damping):
-        raise ValueError(f"{api}: expected a finite float damping, got {damping!r}.")
-    if method in ("cg", "lsmr") and damping < 0:
-        raise ValueError(f"{api}: expected damping >= 0, got {damping}.")
+    damping, rtol, atol, max_iters, preconditioner_rank, generator = _check_options(
+        A, method, damping, rtol, atol, max_iters, preconditioner_rank, generator, flags, api)
     if preconditioner is not None and not isinstance(preconditioner, str):
         preconditioner, _ = _make_preconditioner(A, preconditioner, method, damping, preconditioner_rank,
                                                  generator, assume_psd, api)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..operators import LowRank
+from ._checks import check_flag, check_generator, check_int
 from .trace import _operator, _probes, _product, _work_dtype
 
 
@@ -47,17 +48,12 @@ class LowRankResult:
 
 
 def _check_rank(rank, limit: int, api: str) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise TypeError(f"{api}: expected an integer rank, got {type(rank).__name__}.")
-    if not 1 <= rank <= limit:
-        raise ValueError(f"{api}: expected 1 <= rank <= {limit} (the smaller dimension), got {rank}.")
-    return rank
+    return check_int(rank, "rank", api, minimum=1, maximum=limit,
+                     expected=f"1 <= rank <= {limit} (the smaller dimension)")
 
 
 def _check_nonnegative(value, name: str, api: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{api}: expected a non-negative integer {name}, got {value!r}.")
-    return value
+    return check_int(value, name, api, minimum=0, expected=f"a non-negative integer {name}")
 
 
 def randomized_svd(A, rank: int, *, oversample: int = 10, power_iters: int = 2,
@@ -106,6 +102,7 @@ def randomized_svd(A, rank: int, *, oversample: int = 10, power_iters: int = 2,
     r = _check_rank(rank, min(M, N), api)
     p = _check_nonnegative(oversample, "oversample", api)
     q = _check_nonnegative(power_iters, "power_iters", api)
+    generator = check_generator(generator, api, A.device)
     ell = min(r + p, M, N)
     work = _work_dtype(A.device)
     Omega = _probes(N, ell, "gaussian", generator, A.torch_dtype, A.device, api)
@@ -177,6 +174,7 @@ def nystrom(A, rank: int, *, oversample: int = 10, power_iters: int = 0,
     """
     api = "nystrom"
     A = _operator(A, api)
+    assume_psd = check_flag(assume_psd, "assume_psd", api)
     if not (A.is_psd or assume_psd):
         raise ValueError(
             f"{api}: expected a PSD operator (tag 'psd'), got tags {sorted(A.tags)}. Use randomized_svd for other "
@@ -186,6 +184,7 @@ def nystrom(A, rank: int, *, oversample: int = 10, power_iters: int = 0,
     r = _check_rank(rank, n, api)
     p = _check_nonnegative(oversample, "oversample", api)
     q = _check_nonnegative(power_iters, "power_iters", api)
+    generator = check_generator(generator, api, A.device)
     ell = min(r + p, n)
     work = _work_dtype(A.device)
     Omega, _ = torch.linalg.qr(_probes(n, ell, "gaussian", generator, work, A.device, api))

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..operators import as_operator
+from ._checks import check_choice, check_flag, check_generator, check_int, check_optional_int
 
 TRACE_METHODS = ("hutchinson", "hutch++", "xtrace", "xnystrace")
 FROBENIUS_METHODS = ("hutchinson", "hutch++")
@@ -92,11 +93,13 @@ def _operator(A, api: str, *, square: bool = True):
 
 
 def _check_budget(num_matvecs, minimum: int, api: str) -> int:
-    if isinstance(num_matvecs, bool) or not isinstance(num_matvecs, int):
-        raise TypeError(f"{api}: expected an integer num_matvecs, got {type(num_matvecs).__name__}.")
-    if num_matvecs < minimum:
-        raise ValueError(f"{api}: expected num_matvecs >= {minimum}, got {num_matvecs}.")
-    return num_matvecs
+    return check_int(num_matvecs, "num_matvecs", api, minimum=minimum, expected=f"num_matvecs >= {minimum}",
+                     fix=f"{api.split('(')[0]} needs at least {minimum} products with this method.")
+
+
+def _check_block_size(block_size, api: str) -> int | None:
+    return check_optional_int(block_size, "block_size", api, minimum=1,
+                              fix="Pass a positive number of columns per product, or None.")
 
 
 def _work_dtype(device: torch.device) -> torch.dtype:
@@ -113,8 +116,8 @@ def _probes(n: int, k: int, distribution: str, generator: torch.Generator | None
     """
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"{api}: expected distribution in {DISTRIBUTIONS}, got {distribution!r}.")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"{api}: expected a torch.Generator, got {type(generator).__name__}.")
+    if generator is not None and not isinstance(generator, torch.Generator):  # public callers convert seeds
+        generator = check_generator(generator, api, device)
     where = generator.device if generator is not None else torch.device("cpu")
     if distribution == "rademacher":
         V = torch.randint(0, 2, (n, k), generator=generator, device=where).to(dtype) * 2 - 1
@@ -277,14 +280,15 @@ def trace(A, *, method: str = "xtrace", num_matvecs: int = 100, distribution: st
         Trace Estimation*.
     """
     api = f"trace({method})" if isinstance(method, str) else "trace"
-    if method not in TRACE_METHODS:
-        raise ValueError(f"trace: expected method in {TRACE_METHODS}, got {method!r}.")
+    check_choice(method, "method", TRACE_METHODS, "trace")
     A = _operator(A, api)
     m = _check_budget(num_matvecs, {"hutchinson": 1, "hutch++": 3, "xtrace": 4, "xnystrace": 2}[method], api)
     if distribution is None:
         distribution = "sphere" if method in ("xtrace", "xnystrace") else "rademacher"
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"{api}: expected distribution in {DISTRIBUTIONS}, got {distribution!r}.")
+    check_choice(distribution, "distribution", DISTRIBUTIONS, api)
+    generator = check_generator(generator, api, A.device)
+    block_size = _check_block_size(block_size, api)
+    assume_psd = check_flag(assume_psd, "assume_psd", api)
     n = A.shape[0]
     if method == "xnystrace" and not (A.is_psd or assume_psd):
         raise ValueError(
@@ -441,10 +445,12 @@ def frobenius_norm(A, *, method: str = "hutch++", num_matvecs: int = 100, distri
         Meyer, Musco, Musco, Woodruff (2021). *Hutch++: Optimal Stochastic Trace Estimation*.
     """
     api = f"frobenius_norm({method})" if isinstance(method, str) else "frobenius_norm"
-    if method not in FROBENIUS_METHODS:
-        raise ValueError(f"frobenius_norm: expected method in {FROBENIUS_METHODS}, got {method!r}.")
+    check_choice(method, "method", FROBENIUS_METHODS, "frobenius_norm")
     A = _operator(A, api, square=False)
     m = _check_budget(num_matvecs, 1 if method == "hutchinson" else 3, api)
+    check_choice(distribution, "distribution", DISTRIBUTIONS, api)
+    generator = check_generator(generator, api, A.device)
+    block_size = _check_block_size(block_size, api)
     M, N = A.shape
     work = _work_dtype(A.device)
     gen = dict(distribution=distribution, generator=generator, dtype=A.torch_dtype, device=A.device, api=api)
