@@ -60,12 +60,13 @@ def check_int(value, name: str, api: str, *, minimum: int | None = None, maximum
         ValueError: out of range.
     """
     if not is_int(value):
-        if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
-            hint = f"Pass {name}={int(value)}."
+        if isinstance(value, (float, np.floating)) and math.isfinite(value):
+            hint = f"Pass {name}={int(value)}." if float(value).is_integer() else \
+                f"Pass a whole number as an int, e.g. {name}={max(round(float(value)), minimum or 0)}."
         elif isinstance(value, (bool, np.bool_)):
             hint = f"Pass a count, e.g. {name}={minimum if minimum is not None else 1}."
         else:
-            hint = f"Pass a Python int (e.g. {name}={minimum if minimum is not None else 1})."
+            hint = f"Pass a Python int, e.g. {name}={minimum if minimum is not None else 1}."
         raise TypeError(f"{api}: expected an integer {name}, got {_describe(value)}. {hint}")
     value = int(value)
     low_bad = minimum is not None and value < minimum

@@ -83,7 +83,7 @@ class LogdetResult:
 
 # ---- the quadrature ----------------------------------------------------------------------------
 def slq_quadrature(A, *, num_probes: int, num_steps: int, distribution: str = "rademacher",
-                   generator: torch.Generator | None = None, probe_batch_size: int | None = None,
+                   generator: torch.Generator | int | None = None, probe_batch_size: int | None = None,
                    api: str = "slq") -> tuple[Tensor, Tensor, Tensor, int]:
     """Gauss quadrature nodes and weights of ``num_probes`` random probes.
 
@@ -122,7 +122,7 @@ def _check_slq_args(A, num_probes, num_steps, distribution, generator, probe_bat
 
 
 def slq_trace(A, f: Callable[[Tensor], Tensor], *, num_probes: int, num_steps: int,
-              distribution: str = "rademacher", generator: torch.Generator | None = None,
+              distribution: str = "rademacher", generator: torch.Generator | int | None = None,
               probe_batch_size: int | None = None, api: str = "slq_trace") -> tuple[float, float, Tensor, int]:
     r"""$\operatorname{tr} f(A) \approx \frac1{N_v}\sum_l \|v_l\|^2 \sum_j \tau_{lj} f(\theta_{lj})$.
 
@@ -144,7 +144,7 @@ def slq_trace(A, f: Callable[[Tensor], Tensor], *, num_probes: int, num_steps: i
 # ---- spectral density --------------------------------------------------------------------------
 def spectral_density(A, *, num_probes: int = 10, num_steps: int = 80, grid: Tensor | None = None,
                      num_points: int = 1000, sigma: float | None = None, distribution: str = "rademacher",
-                     generator: torch.Generator | None = None,
+                     generator: torch.Generator | int | None = None,
                      probe_batch_size: int | None = None) -> DensityResult:
     r"""Spectral density of a symmetric operator by stochastic Lanczos quadrature.
 
@@ -172,7 +172,9 @@ def spectral_density(A, *, num_probes: int = 10, num_steps: int = 80, grid: Tens
         num_points: size of the default grid.
         sigma: Gaussian broadening; default 1 % of the spread of the nodes (max θ − min θ).
         distribution: probe entries, ``"rademacher"`` (±1, lower variance) or ``"normal"``.
-        generator: random source for the probes (reproducibility).
+        generator: random source for the probes (reproducibility): ``None``,
+            a ``torch.Generator``, or an int seed (a new generator on the operator's device,
+            seeded with it).
         probe_batch_size: probes run together (default all); lower it to bound memory.
 
     Returns:
@@ -180,6 +182,9 @@ def spectral_density(A, *, num_probes: int = 10, num_steps: int = 80, grid: Tens
 
     Raises:
         ValueError: non-square operator, bad counts or sigma, or a product returned NaN/Inf.
+        TypeError: an argument of the wrong kind: a count that is not an int (e.g. a float),
+            a ``generator`` that is not None, a ``torch.Generator`` or an int seed, a flag that
+            is not a bool, a tolerance that is not a real number.
 
     Example:
         >>> res = spectral_density(H, num_probes=10, num_steps=80)   # doctest: +SKIP
@@ -243,7 +248,7 @@ def gaussian_density(grid: Tensor, points: Tensor, masses: Tensor, sigma: float)
 
 # ---- log-determinant ---------------------------------------------------------------------------
 def logdet(A, *, damping: float = 0.0, num_probes: int = 30, num_steps: int = 30,
-           distribution: str = "rademacher", generator: torch.Generator | None = None,
+           distribution: str = "rademacher", generator: torch.Generator | int | None = None,
            assume_psd: bool = False, probe_batch_size: int | None = None) -> LogdetResult:
     r"""Log-determinant of a damped PSD operator by stochastic Lanczos quadrature.
 
@@ -265,7 +270,9 @@ def logdet(A, *, damping: float = 0.0, num_probes: int = 30, num_steps: int = 30
         num_probes: random probes N_v (≥ 2 for an error estimate).
         num_steps: Lanczos steps m per probe (capped at n; m = n is exact per probe).
         distribution: ``"rademacher"`` or ``"normal"`` probes.
-        generator: random source (reproducibility).
+        generator: random source (reproducibility): ``None``,
+            a ``torch.Generator``, or an int seed (a new generator on the operator's device,
+            seeded with it).
         assume_psd: accept an operator without the PSD tag (the caller vouches for it).
         probe_batch_size: probes run together (default all).
 
@@ -275,6 +282,9 @@ def logdet(A, *, damping: float = 0.0, num_probes: int = 30, num_steps: int = 30
     Raises:
         ValueError: operator not tagged PSD (without ``assume_psd``), negative damping, or
             A + δI numerically singular or indefinite (a Ritz value ≤ 10 ε ‖A‖).
+        TypeError: an argument of the wrong kind: a count that is not an int (e.g. a float),
+            a ``generator`` that is not None, a ``torch.Generator`` or an int seed, a flag that
+            is not a bool, a tolerance that is not a real number.
 
     References:
         Ubaru, Chen, Saad (2017). *Fast Estimation of tr(f(A)) via Stochastic Lanczos Quadrature.*

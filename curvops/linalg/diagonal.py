@@ -53,7 +53,7 @@ def _mean_stderr_columns(D: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def diagonal(A, *, method: str = "xdiag", num_matvecs: int = 100, distribution: str = "rademacher",
-             generator: torch.Generator | None = None, block_size: int | None = None) -> DiagonalResult:
+             generator: torch.Generator | int | None = None, block_size: int | None = None) -> DiagonalResult:
     r"""Estimate the diagonal of a square operator from ``num_matvecs`` products.
 
     * ``"hutchinson"``: $\hat d = \frac1m\sum_{i=1}^m \omega_i \odot A\omega_i$, unbiased; with
@@ -80,7 +80,9 @@ def diagonal(A, *, method: str = "xdiag", num_matvecs: int = 100, distribution: 
         method: ``"hutchinson"``, ``"xdiag"`` or ``"exact"``.
         num_matvecs: budget (Hutchinson ≥ 1, XDiag ≥ 4); ignored by ``"exact"``.
         distribution: ``"rademacher"`` (recommended), ``"gaussian"`` or ``"sphere"``.
-        generator: ``torch.Generator`` for the test vectors.
+        generator: random source for the test vectors: ``None``,
+            a ``torch.Generator``, or an int seed (a new generator on the operator's device,
+            seeded with it).
         block_size: columns per product for Hutchinson and the exact diagonal.
 
     Returns:
@@ -90,6 +92,9 @@ def diagonal(A, *, method: str = "xdiag", num_matvecs: int = 100, distribution: 
         ValueError: non-square operator, unknown method/distribution, a budget too small, a
             product returning NaN/Inf.
         NotImplementedError: XDiag on a non-symmetric operator without an adjoint product.
+        TypeError: an argument of the wrong kind: a count that is not an int (e.g. a float),
+            a ``generator`` that is not None, a ``torch.Generator`` or an int seed, a flag that
+            is not a bool, a tolerance that is not a real number.
 
     References:
         Bekas, Kokiopoulou, Saad (2007). *An Estimator for the Diagonal of a Matrix*.

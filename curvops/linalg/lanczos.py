@@ -177,7 +177,7 @@ def _next_block(W: Tensor, basis: Tensor, anorm: float, generator) -> tuple[Tens
 
 # ---- the tridiagonalization primitive ------------------------------------------------------------
 def lanczos(A, v0: Tensor, num_steps: int, *, reorthogonalize: bool = True,
-            generator: torch.Generator | None = None) -> LanczosDecomposition:
+            generator: torch.Generator | int | None = None) -> LanczosDecomposition:
     r"""Run ``num_steps`` Lanczos steps from ``v0``: $A Q \approx Q T$ with $T$ tridiagonal.
 
     .. math:: Q^\top A Q = T = \begin{pmatrix} \alpha_1 & \beta_1 \\ \beta_1 & \alpha_2 & \ddots \\
@@ -200,7 +200,9 @@ def lanczos(A, v0: Tensor, num_steps: int, *, reorthogonalize: bool = True,
         reorthogonalize: full reorthogonalization against all previous vectors (twice).
             ``False`` gives the plain three-term recurrence, which in floating point produces
             ghost copies of converged eigenvalues — kept for demonstrations and tests.
-        generator: random source for the vectors that replace a breakdown.
+        generator: random source for the vectors that replace a breakdown: ``None``,
+            a ``torch.Generator``, or an int seed (a new generator on the operator's device,
+            seeded with it).
 
     Returns:
         :class:`LanczosDecomposition` ``(alphas, betas, Q)``.
@@ -208,6 +210,9 @@ def lanczos(A, v0: Tensor, num_steps: int, *, reorthogonalize: bool = True,
     Raises:
         ValueError: non-square operator, bad ``num_steps``, zero or non-finite start vector, or a
             product that returned NaN/Inf (the message names the step).
+        TypeError: an argument of the wrong kind: a count that is not an int (e.g. a float),
+            a ``generator`` that is not None, a ``torch.Generator`` or an int seed, a flag that
+            is not a bool, a tolerance that is not a real number.
     """
     api = "lanczos"
     A = as_square_operator(A, api)
@@ -298,7 +303,7 @@ def _default_ncv(n: int, k: int, b: int) -> int:
 
 def eigsh(A, k: int = 6, *, which: str = "LA", tol: float = 1e-6, relative_to: str = "eigenvalue",
           max_iters: int | None = None, ncv: int | None = None, block_size: int = 1,
-          return_eigenvectors: bool = True, generator: torch.Generator | None = None,
+          return_eigenvectors: bool = True, generator: torch.Generator | int | None = None,
           v0: Tensor | None = None) -> EighResult:
     r"""k eigenpairs of a symmetric operator by thick-restart (block) Lanczos.
 
@@ -359,7 +364,9 @@ def eigsh(A, k: int = 6, *, which: str = "LA", tol: float = 1e-6, relative_to: s
         block_size: columns per product (b); b > 1 for clustered or multiple eigenvalues, and
             to use operators whose block products cost less per column.
         return_eigenvectors: form the eigenvectors (``[n, k]``, one n × ncv × k product).
-        generator: random source for the start block and breakdown vectors (reproducibility).
+        generator: random source for the start block and breakdown vectors (reproducibility): ``None``,
+            a ``torch.Generator``, or an int seed (a new generator on the operator's device,
+            seeded with it).
         v0: start vector ``[n]`` or block ``[n, b]`` (default: Gaussian from ``generator``).
 
     Returns:
@@ -369,6 +376,9 @@ def eigsh(A, k: int = 6, *, which: str = "LA", tol: float = 1e-6, relative_to: s
         ValueError: non-square operator, k out of range, unknown ``which``, bad ``ncv`` /
             ``block_size`` / ``v0``, or a product returned NaN/Inf (the message names the
             iteration).
+        TypeError: an argument of the wrong kind: a count that is not an int (e.g. a float),
+            a ``generator`` that is not None, a ``torch.Generator`` or an int seed, a flag that
+            is not a bool, a tolerance that is not a real number.
 
     Example:
         >>> H = curvops.Hessian(model, loss, (X, y))            # doctest: +SKIP

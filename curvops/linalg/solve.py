@@ -117,7 +117,7 @@ class NystromPreconditioner(Operator):
 
 
 def nystrom_preconditioner(A, rank: int, damping: float = 0.0, *, oversample: int = 10,
-                           generator: torch.Generator | None = None,
+                           generator: torch.Generator | int | None = None,
                            assume_psd: bool = False) -> NystromPreconditioner:
     r"""The Nyström preconditioner for CG on $A + \mu I$ (``damping`` = μ), A PSD.
 
@@ -133,7 +133,9 @@ def nystrom_preconditioner(A, rank: int, damping: float = 0.0, *, oversample: in
         rank: rank ℓ of the approximation.
         damping: μ ≥ 0.
         oversample: extra sketch columns.
-        generator: ``torch.Generator`` for the sketch.
+        generator: random source for the sketch: ``None``,
+            a ``torch.Generator``, or an int seed (a new generator on the operator's device,
+            seeded with it).
         assume_psd: accept an operator without the ``"psd"`` tag.
 
     Returns:
@@ -143,6 +145,9 @@ def nystrom_preconditioner(A, rank: int, damping: float = 0.0, *, oversample: in
         ValueError: non-PSD operator, negative damping, or ``damping == 0`` while the
             smallest kept eigenvalue is 0 to working precision (rank above the numerical rank
             of A: lower it or damp).
+        TypeError: an argument of the wrong kind: a count that is not an int (e.g. a float),
+            a ``generator`` that is not None, a ``torch.Generator`` or an int seed, a flag that
+            is not a bool, a tolerance that is not a real number.
 
     References:
         Frangella, Tropp, Udell (2023). *Randomized Nyström Preconditioning*.
@@ -522,7 +527,7 @@ def _check_options(A, method: str, damping, rtol, atol, max_iters, preconditione
 def solve(A, b: Tensor, *, method: str = "auto", damping: float = 0.0, preconditioner=None,
           rtol: float = 1e-6, atol: float = 0.0, max_iters: int | None = None, x0: Tensor | None = None,
           assume_psd: bool = False, assume_symmetric: bool = False, preconditioner_rank: int = 50,
-          generator: torch.Generator | None = None, strict: bool = False) -> SolveResult:
+          generator: torch.Generator | int | None = None, strict: bool = False) -> SolveResult:
     r"""Solve $(A + \lambda I)x = b$ (CG, MINRES) or $\min_x\|Ax - b\|^2 + \lambda\|x\|^2$ (LSMR).
 
     * ``"cg"``: $A + \lambda I$ symmetric positive definite.  Iterations
@@ -558,7 +563,9 @@ def solve(A, b: Tensor, *, method: str = "auto", damping: float = 0.0, precondit
         assume_psd: let CG run on an operator without the ``"psd"`` tag.
         assume_symmetric: let MINRES run on an operator without the ``"symmetric"`` tag.
         preconditioner_rank: rank of the ``"nystrom"`` preconditioner.
-        generator: ``torch.Generator`` for the Nyström sketch.
+        generator: random source for the Nyström sketch: ``None``,
+            a ``torch.Generator``, or an int seed (a new generator on the operator's device,
+            seeded with it).
         strict: raise :class:`ConvergenceError` instead of returning an unconverged result.
 
     Returns:
@@ -570,7 +577,8 @@ def solve(A, b: Tensor, *, method: str = "auto", damping: float = 0.0, precondit
             not symmetric to MINRES) without ``assume_…``, shapes of ``b``/``x0`` that do not
             match, non-finite ``b``, negative damping for CG/LSMR, a product that returns NaN or
             Inf (the message names the iteration).
-        TypeError: ``b`` not a tensor or of another dtype.
+        TypeError: ``b`` not a tensor or of another dtype; an argument of the wrong kind (a float
+            ``max_iters``, a ``generator`` that is not None, a ``torch.Generator`` or an int seed).
         ConvergenceError: with ``strict=True``, when a column did not converge.
 
     Example:
@@ -677,7 +685,7 @@ class InverseOperator(Operator):
 
 def inverse(A, *, damping: float = 0.0, method: str = "auto", rtol: float = 1e-6, atol: float = 0.0,
             max_iters: int | None = None, preconditioner=None, preconditioner_rank: int = 50,
-            assume_psd: bool = False, assume_symmetric: bool = False, generator: torch.Generator | None = None,
+            assume_psd: bool = False, assume_symmetric: bool = False, generator: torch.Generator | int | None = None,
             strict: bool = False, warn: bool = True) -> InverseOperator:
     r"""The lazy inverse $(A + \lambda I)^{-1}$ as an operator (products are solves).
 
@@ -704,7 +712,9 @@ def inverse(A, *, damping: float = 0.0, method: str = "auto", rtol: float = 1e-6
         preconditioner: None, an operator or ``"nystrom"`` (CG).
         preconditioner_rank: rank of the Nyström preconditioner.
         assume_psd, assume_symmetric: promises for operators without tags (see :func:`solve`).
-        generator: ``torch.Generator`` for the Nyström sketch.
+        generator: random source for the Nyström sketch: ``None``,
+            a ``torch.Generator``, or an int seed (a new generator on the operator's device,
+            seeded with it).
         strict: raise :class:`ConvergenceError` when a solve does not converge.
         warn: warn when a solve does not converge (ignored when ``strict``).
 
@@ -713,6 +723,9 @@ def inverse(A, *, damping: float = 0.0, method: str = "auto", rtol: float = 1e-6
 
     Raises:
         ValueError: as :func:`solve` for a method that does not fit the operator.
+        TypeError: an argument of the wrong kind: a count that is not an int (e.g. a float),
+            a ``generator`` that is not None, a ``torch.Generator`` or an int seed, a flag that
+            is not a bool, a tolerance that is not a real number.
 
     Example:
         >>> Ginv = inverse(GGN(model, loss, data), damping=1e-3)        # doctest: +SKIP

@@ -57,7 +57,7 @@ def _check_nonnegative(value, name: str, api: str) -> int:
 
 
 def randomized_svd(A, rank: int, *, oversample: int = 10, power_iters: int = 2,
-                   generator: torch.Generator | None = None) -> LowRankResult:
+                   generator: torch.Generator | int | None = None) -> LowRankResult:
     r"""Rank-``rank`` truncated SVD $A \approx U\,\Sigma\,V^\top$ of any M×N operator.
 
     The randomized range finder with subspace iteration: with $\ell = r + p$ Gaussian test
@@ -76,7 +76,9 @@ def randomized_svd(A, rank: int, *, oversample: int = 10, power_iters: int = 2,
         oversample: extra test vectors $p$ (ℓ is capped at min(M, N)).
         power_iters: subspace iterations $q$ (each costs ℓ products with ``A`` and ℓ with
             ``A.T``); raise it for slowly decaying spectra.
-        generator: ``torch.Generator`` for the test vectors.
+        generator: random source for the test vectors: ``None``,
+            a ``torch.Generator``, or an int seed (a new generator on the operator's device,
+            seeded with it).
 
     Returns:
         :class:`LowRankResult` with ``operator = LowRank(U, S, V)``, the factors and the cost.
@@ -85,6 +87,9 @@ def randomized_svd(A, rank: int, *, oversample: int = 10, power_iters: int = 2,
         ValueError: a rank outside ``[1, min(M, N)]``, negative oversampling or iterations, a
             product returning NaN/Inf.
         NotImplementedError: an operator without an adjoint product.
+        TypeError: an argument of the wrong kind: a count that is not an int (e.g. a float),
+            a ``generator`` that is not None, a ``torch.Generator`` or an int seed, a flag that
+            is not a bool, a tolerance that is not a real number.
 
     Example:
         >>> J = curvops.Dense(torch.randn(300, 40, dtype=torch.float64))
@@ -135,7 +140,7 @@ def _stable_cholesky(C: Tensor, nu: float, api: str) -> tuple[Tensor, float]:
 
 
 def nystrom(A, rank: int, *, oversample: int = 10, power_iters: int = 0,
-            generator: torch.Generator | None = None, assume_psd: bool = False) -> LowRankResult:
+            generator: torch.Generator | int | None = None, assume_psd: bool = False) -> LowRankResult:
     r"""Rank-``rank`` Nyström approximation $A \approx U\Lambda U^\top$ of a PSD operator.
 
     With an orthonormal sketch $\Omega \in \mathbb{R}^{n\times\ell}$ ($\ell = r + p$),
@@ -156,7 +161,9 @@ def nystrom(A, rank: int, *, oversample: int = 10, power_iters: int = 0,
         rank: number of eigenpairs kept, ``1 <= rank <= n``.
         oversample: extra sketch columns $p$ (ℓ capped at n).
         power_iters: subspace iterations before the Nyström step.
-        generator: ``torch.Generator`` for the sketch.
+        generator: random source for the sketch: ``None``,
+            a ``torch.Generator``, or an int seed (a new generator on the operator's device,
+            seeded with it).
         assume_psd: accept an operator without the ``"psd"`` tag.
 
     Returns:
@@ -166,6 +173,9 @@ def nystrom(A, rank: int, *, oversample: int = 10, power_iters: int = 0,
     Raises:
         ValueError: non-square or non-PSD-tagged operator, a rank outside ``[1, n]``, a
             product returning NaN/Inf.
+        TypeError: an argument of the wrong kind: a count that is not an int (e.g. a float),
+            a ``generator`` that is not None, a ``torch.Generator`` or an int seed, a flag that
+            is not a bool, a tolerance that is not a real number.
 
     References:
         Tropp, Yurtsever, Udell, Cevher (2017). *Fixed-Rank Approximation of a Positive-Semidefinite

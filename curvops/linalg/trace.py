@@ -196,7 +196,7 @@ def _safe_inverse_transpose(R: Tensor) -> Tensor:
 
 # ---- trace --------------------------------------------------------------------------------
 def trace(A, *, method: str = "xtrace", num_matvecs: int = 100, distribution: str | None = None,
-          generator: torch.Generator | None = None, block_size: int | None = None,
+          generator: torch.Generator | int | None = None, block_size: int | None = None,
           assume_psd: bool = False) -> TraceResult:
     r"""Estimate $\operatorname{tr}(A)$ of a square operator from ``num_matvecs`` products.
 
@@ -251,8 +251,9 @@ def trace(A, *, method: str = "xtrace", num_matvecs: int = 100, distribution: st
             norm $\sqrt n$).  Default: ``"sphere"`` for XTrace/XNysTrace (the normalized
             estimator; with Rademacher vectors XTrace is several times worse on flat
             spectra), ``"rademacher"`` for Hutchinson and Hutch++.
-        generator: ``torch.Generator`` for the test vectors (reproducible results); the
-            default generator when None.
+        generator: random source for the test vectors (reproducible results): a
+            ``torch.Generator``, an int seed (a new generator on the operator's device seeded
+            with it), or None for the default generator.
         block_size: Hutchinson only: columns per product (default: all in one block).
         assume_psd: XNysTrace only: treat ``A`` as PSD although it has no ``"psd"`` tag.
 
@@ -263,7 +264,9 @@ def trace(A, *, method: str = "xtrace", num_matvecs: int = 100, distribution: st
         ValueError: non-square operator, unknown method or distribution, a budget below the
             method's minimum, XNysTrace on an operator not tagged PSD (or not PSD to working
             precision), a product that returns NaN/Inf.
-        TypeError: a non-integer budget, a generator that is not a ``torch.Generator``.
+        TypeError: an argument of the wrong kind: a count that is not an int (e.g. a float),
+            a ``generator`` that is not None, a ``torch.Generator`` or an int seed, a flag that
+            is not a bool, a tolerance that is not a real number.
 
     Example:
         >>> U = torch.randn(1000, 3, dtype=torch.float64)
@@ -409,7 +412,7 @@ def _xnystrace(A, s: int, gen: dict, api: str) -> TraceResult:
 
 # ---- Frobenius norm -----------------------------------------------------------------------
 def frobenius_norm(A, *, method: str = "hutch++", num_matvecs: int = 100, distribution: str = "rademacher",
-                   generator: torch.Generator | None = None, block_size: int | None = None) -> NormResult:
+                   generator: torch.Generator | int | None = None, block_size: int | None = None) -> NormResult:
     r"""Estimate $\|A\|_F = \sqrt{\operatorname{tr}(A^\top A)}$ of any (rectangular) operator.
 
     * ``"hutchinson"``: $\|A\|_F^2 \approx \frac1m\sum_i \|A\omega_i\|^2$ (one product per probe).
@@ -431,7 +434,9 @@ def frobenius_norm(A, *, method: str = "hutch++", num_matvecs: int = 100, distri
         method: ``"hutchinson"`` or ``"hutch++"``.
         num_matvecs: budget of products (≥ 1, Hutch++ ≥ 3).
         distribution: ``"rademacher"``, ``"gaussian"`` or ``"sphere"``.
-        generator: ``torch.Generator`` for the probes.
+        generator: random source for the probes: ``None``,
+            a ``torch.Generator``, or an int seed (a new generator on the operator's device,
+            seeded with it).
         block_size: Hutchinson only: columns per product.
 
     Returns:
@@ -440,6 +445,9 @@ def frobenius_norm(A, *, method: str = "hutch++", num_matvecs: int = 100, distri
     Raises:
         ValueError: unknown method or distribution, a budget too small, NaN/Inf from a product.
         NotImplementedError: Hutch++ on a non-symmetric operator without an adjoint product.
+        TypeError: an argument of the wrong kind: a count that is not an int (e.g. a float),
+            a ``generator`` that is not None, a ``torch.Generator`` or an int seed, a flag that
+            is not a bool, a tolerance that is not a real number.
 
     References:
         Meyer, Musco, Musco, Woodruff (2021). *Hutch++: Optimal Stochastic Trace Estimation*.
