@@ -31,7 +31,7 @@ _SEED_MAX = 2**64 - 1
 
 def _describe(value) -> str:
     """``type value`` for a message, the value shortened."""
-    text = repr(value)
+    text = str(value) if isinstance(value, np.generic) else repr(value)  # numpy 2: "3.0", not "np.float64(3.0)"
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{type(value).__name__} {text}"
