@@ -81,11 +81,51 @@ def test_rank_of_a_curvops_ggn_matches_the_dense_rank():
     assert res.value == expected < G.shape[0]
 
 
+def test_rank_states_its_cutoff_and_the_gap_around_it():
+    d = torch.cat([torch.linspace(1, 2, 12, dtype=DT), torch.full((3,), 1e-9, dtype=DT), torch.zeros(45, dtype=DT)])
+    res = rank(curvops.Dense(rotated(d), tags=("psd",)), generator=gen(0))  # 60 ≤ k_max + 8: dense, exact
+    eps = torch.finfo(DT).eps
+    assert res.value == 15 and res.complete and res.status == "well defined" and res.well_defined
+    assert res.tol == pytest.approx(2.0 * 60 * eps, rel=1e-10)
+    assert res.above == pytest.approx(1e-9, rel=1e-5) and abs(res.below) < 1e-14  # λ15 and λ16 (a rounding zero)
+    assert res.symbol == "λ" and "λ₁·max(M, N)·ε = 2 · 60 · 2.22e-16" in res.tol_rule
+    assert "rank 15 of 60" in res.explain() and "clear gap" in res.explain()
+    full = rank(curvops.Dense(rotated(torch.linspace(1, 2, 30, dtype=DT)), tags=("symmetric",)))
+    assert full.value == 30 and full.well_defined and math.isnan(full.below) and full.above == pytest.approx(1.0)
+
+
+def test_rank_inside_a_smooth_run_is_not_well_defined_float32():
+    """Issue 10: the float32 cutoff λ₁·n·ε fell inside λ16 = 0.0323, λ17 = 0.0301, λ18 = 0.0300."""
+    n = 300
+    run = torch.logspace(1, -3, n - 1, dtype=torch.float32)  # a smooth decay, ratio ≈ 1.03 per step
+    d = torch.cat([torch.tensor([0.031 / (n * torch.finfo(torch.float32).eps)]), run])  # λ₁·n·ε₃₂ = 0.031
+    res = rank(curvops.Dense(rotated(d.double()).float(), tags=("symmetric",)), k_max=n, generator=gen(0))
+    assert res.tol == pytest.approx(0.031, rel=1e-4)
+    expected = int((d > res.tol).sum())
+    assert abs(res.value - expected) <= 1  # float32 rounding of the rotated matrix, right at the cutoff
+    assert not res.well_defined and res.status == "not well defined"
+    assert res.below <= res.tol < res.above and res.above / res.below < 1.1
+    assert "rank not well defined at this precision" in res.explain()
+    # the same spectrum with a cutoff placed in a real gap is well defined
+    gap = torch.cat([torch.ones(5), torch.full((10,), 1e-6)]).double()
+    assert rank(curvops.Diagonal(gap), tol=1e-3).well_defined
+    assert not rank(curvops.Diagonal(gap), tol=1e-3, gap_factor=2000).well_defined
+
+
+def test_rank_lower_bound_is_not_well_defined():
+    Q, _ = torch.linalg.qr(torch.randn(300, 7, generator=gen(1), dtype=DT))
+    capped = rank(curvops.Dense(Q @ Q.T, tags=("psd",)), k_max=5, generator=gen(0))
+    assert capped.lower_bound and capped.status == "lower bound" and not capped.well_defined
+    assert math.isnan(capped.below) and "raise k_max" in capped.explain()
+
+
 def test_rank_rejects_bad_input():
     with pytest.raises(ValueError, match=r"rank: expected k_max ≥ 1, got 0"):
         rank(torch.eye(5, dtype=DT), k_max=0)
     with pytest.raises(ValueError, match=r"rank: expected tol ≥ 0, got -1"):
         rank(torch.eye(5, dtype=DT), tol=-1.0)
+    with pytest.raises(ValueError, match=r"rank: expected a finite gap_factor > 1 \(e.g. 10\), got 1"):
+        rank(torch.eye(5, dtype=DT), gap_factor=1)
 
 
 # ---- condition number ------------------------------------------------------------------------
@@ -123,6 +163,31 @@ def test_cond_of_a_general_operator_uses_singular_values():
     res = cond(J, generator=gen(0))
     assert res.kind == "general"
     assert res.value == pytest.approx(float(torch.linalg.cond(J)), rel=1e-6)
+
+
+def test_unconverged_cond_is_a_lower_bound():
+    d = torch.cat([torch.logspace(-6, -4, 150, dtype=DT), torch.linspace(1, 5, 150, dtype=DT)])
+    A = curvops.Dense(rotated(d), tags=("psd",))
+    exact = 5.0 / 1e-6
+    for max_iters in (8, None):  # the clustered small end is not reached in 8 steps, nor by default
+        res = cond(A, max_iters=max_iters, generator=gen(0))
+        assert not res.converged and res.lower_bound and res.status == "lower bound"
+        assert res.value < exact and res.smallest > 1e-6 and res.largest <= 5.0 * (1 + 1e-12)
+    done = cond(curvops.Dense(rotated(torch.linspace(0.01, 5, 300, dtype=DT)), tags=("psd",)), generator=gen(0))
+    assert done.converged and not done.lower_bound and done.status == "converged"
+    assert done.value == pytest.approx(500.0, rel=1e-6)
+    # a symmetric operator whose unconverged Ritz values look definite: an estimate, no bound
+    sym = cond(curvops.Dense(rotated(d), tags=("symmetric",)), max_iters=8, generator=gen(0))
+    assert not sym.converged and not sym.lower_bound and sym.status == "not converged"
+
+
+def test_infinite_cond_states_its_zero_threshold():
+    A = curvops.Dense(rotated(torch.cat([torch.linspace(1, 2, 10, dtype=DT), torch.zeros(50, dtype=DT)])),
+                      tags=("psd",))
+    res = cond(A, generator=gen(0))
+    assert res.status == "infinite" and not res.lower_bound
+    assert res.zero_threshold == pytest.approx(torch.finfo(DT).eps ** (2 / 3) * 2.0, rel=1e-6)
+    assert res.smallest <= res.zero_threshold
 
 
 def test_cond_rejects_bad_input():

@@ -33,7 +33,12 @@ from .lanczos import eigsh, random_block
 # ---- results ---------------------------------------------------------------------------------
 @dataclass
 class RankResult:
-    """Numerical rank: the number of eigenvalues (singular values) above ``tol``.
+    """Numerical rank: the number of eigenvalues (singular values) above ``tol``, and how firm that count is.
+
+    A numerical rank is a fact only when the cutoff falls in a clear gap of the spectrum.  When
+    eigenvalues lie close to the cutoff on either side (a smooth decay through it), another
+    reasonable cutoff gives another count: the rank is *not well defined at this precision*, and
+    ``well_defined`` says so.
 
     Attributes:
         value: the rank (a lower bound when ``lower_bound``).
@@ -43,6 +48,15 @@ class RankResult:
         method: how they were computed.
         num_matvecs: products with A (a product with Aᵀ counts as one).
         converged: whether the eigensolver met its tolerance (always True when dense).
+        tol_rule: how ``tol`` was chosen, with its numbers (e.g. ``"λ₁·n·ε = 0.24 · 371 · 2.2e-16"``).
+        above: the smallest counted value (``values[value − 1]``); NaN when the rank is 0.
+        below: the largest value not counted (``values[value]``); NaN when none was computed
+            (full rank, or a lower bound).
+        gap_factor: the rank is called well defined when no computed value lies within this
+            factor of ``tol`` (every cutoff in [tol / gap_factor, tol · gap_factor] gives the same count).
+        well_defined: that holds, and the rank is not just a lower bound.
+        complete: ``values`` holds all min(M, N) magnitudes (the dense path).
+        symbol: what ``values`` are: ``"λ"`` (PSD), ``"|λ|"`` (symmetric) or ``"σ"`` (singular values).
     """
 
     value: int
@@ -52,11 +66,49 @@ class RankResult:
     method: str
     num_matvecs: int
     converged: bool
+    tol_rule: str = ""
+    above: float = float("nan")
+    below: float = float("nan")
+    gap_factor: float = 10.0
+    well_defined: bool = True
+    complete: bool = False
+    symbol: str = "|λ|"
+
+    @property
+    def status(self) -> str:
+        """``"lower bound"``, ``"not well defined"`` (no clear gap at the cutoff) or ``"well defined"``."""
+        if self.lower_bound:
+            return "lower bound"
+        return "well defined" if self.well_defined else "not well defined"
+
+    def explain(self) -> str:
+        """One sentence: the cutoff, the values around it, and what that says about the count."""
+        size = "" if not self.complete else f" of {self.values.numel()}"
+        if self.lower_bound:
+            return (f"rank ≥ {self.value}{size}: all {self.values.numel()} computed values exceed the cutoff "
+                    f"{self.tol:.4g} ({self.tol_rule}); raise k_max to find the rank.")
+        around = _around(self.symbol, self.value, self.above, self.below)
+        if self.well_defined:
+            return (f"rank {self.value}{size} at the cutoff {self.tol:.4g} ({self.tol_rule}); clear gap: {around}, "
+                    f"none within a factor {self.gap_factor:g} of the cutoff.")
+        near = int(((self.values > self.tol / self.gap_factor) & (self.values <= self.tol * self.gap_factor)).sum())
+        return (f"rank not well defined at this precision: {self.value}{size} values exceed the cutoff {self.tol:.4g} "
+                f"({self.tol_rule}), but the spectrum has no clear gap there ({around}; {near} values within a "
+                f"factor {self.gap_factor:g} of the cutoff): another cutoff gives another count.")
+
+
+def _around(symbol: str, r: int, above: float, below: float) -> str:
+    parts = []
+    if not math.isnan(above):
+        parts.append(f"{symbol}{r} = {above:.4g}")
+    if not math.isnan(below):
+        parts.append(f"{symbol}{r + 1} = {below:.4g}")
+    return " and ".join(parts) if parts else "no values"
 
 
 @dataclass
 class CondResult:
-    """Condition number, with the eigen/singular values it is made of.
+    """Condition number, with the eigen/singular values it is made of and how far it can be trusted.
 
     Attributes:
         value: the condition number (``inf`` when the smallest value is zero up to rounding).
@@ -67,6 +119,12 @@ class CondResult:
         method: how ``smallest`` was found (an extremal eigenvalue, or Lanczos on a squared operator).
         num_matvecs: products with A (a product with Aᵀ counts as one).
         converged: whether every eigensolve met its tolerance.
+        lower_bound: the eigensolve did not converge and ``value`` is a lower bound on κ: Ritz
+            values lie inside the spectrum, so the largest is underestimated and the smallest
+            overestimated (PSD, general, and symmetric indefinite operators; a symmetric operator
+            whose unconverged Ritz values look definite gives no bound).
+        zero_threshold: values at or below this count as zero (``value = inf``): what the
+            eigensolve resolves (see :func:`cond`).
     """
 
     value: float
@@ -77,6 +135,17 @@ class CondResult:
     method: str
     num_matvecs: int
     converged: bool
+    lower_bound: bool = False
+    zero_threshold: float = float("nan")
+
+    @property
+    def status(self) -> str:
+        """``"infinite"``, ``"converged"``, ``"lower bound"`` (not converged) or ``"not converged"`` (no bound)."""
+        if math.isinf(self.value):
+            return "infinite"
+        if self.converged:
+            return "converged"
+        return "lower bound" if self.lower_bound else "not converged"
 
 
 @dataclass
@@ -136,14 +205,22 @@ def _shifted_square(A, damping: float):
 
 # ---- rank ------------------------------------------------------------------------------------
 def rank(A, tol: float | None = None, *, k_max: int = 100, block_size: int = 4, eig_tol: float = 1e-6,
-         max_iters: int | None = None, generator: torch.Generator | None = None) -> RankResult:
-    r"""Numerical rank: how many eigenvalues (singular values) exceed a threshold.
+         max_iters: int | None = None, generator: torch.Generator | None = None,
+         gap_factor: float = 10.0) -> RankResult:
+    r"""Numerical rank: how many eigenvalues (singular values) exceed a threshold, and whether that is a fact.
 
     .. math:: \operatorname{rank}_\tau(A) = \#\{i : |\lambda_i(A)| > \tau\}
               \quad(\text{symmetric}),\qquad \#\{i : \sigma_i(A) > \tau\}\quad(\text{otherwise}),
 
     with default $\tau = \max|\lambda| \cdot \max(M, N) \cdot \epsilon$ (numpy's
     ``matrix_rank`` convention, ε of ``A.torch_dtype``).
+
+    The count is a property of the operator only when τ falls in a clear gap of the spectrum.
+    The result gives the values just above and below τ (``above``, ``below``) and calls the rank
+    ``well_defined`` when no computed value lies within a factor ``gap_factor`` of τ — every
+    cutoff in [τ/gap_factor, τ·gap_factor] gives the same count.  A spectrum that decays smoothly
+    through τ (e.g. 0.0323, 0.0301, 0.0300 around τ = 0.031) has no well-defined rank at this
+    precision; :meth:`RankResult.explain` says so in words.
 
     Small operators (the smaller side ≤ ``k_max + 2·block_size``) are materialized with one
     block product and decomposed densely: exact.  Otherwise the ``k_max`` largest magnitudes
@@ -169,12 +246,14 @@ def rank(A, tol: float | None = None, *, k_max: int = 100, block_size: int = 4, 
         eig_tol: eigensolver tolerance, relative to ‖A‖.
         max_iters: Lanczos steps cap (see :func:`eigsh`).
         generator: random source (reproducibility).
+        gap_factor: how far (as a factor) the nearest values must stay from τ for the rank to be
+            called well defined (> 1).
 
     Returns:
         :class:`RankResult`.
 
     Raises:
-        ValueError: bad ``k_max`` / ``tol``, or a product returned NaN/Inf.
+        ValueError: bad ``k_max`` / ``tol`` / ``gap_factor``, or a product returned NaN/Inf.
     """
     api = "rank"
     A = _operator(A, api)
@@ -182,9 +261,12 @@ def rank(A, tol: float | None = None, *, k_max: int = 100, block_size: int = 4, 
         raise ValueError(f"{api}: expected k_max ≥ 1, got {k_max!r}.")
     if tol is not None and not tol >= 0:
         raise ValueError(f"{api}: expected tol ≥ 0, got {tol!r}.")
+    if isinstance(gap_factor, bool) or not isinstance(gap_factor, (int, float)) or not 1 < gap_factor < math.inf:
+        raise ValueError(f"{api}: expected a finite gap_factor > 1 (e.g. 10), got {gap_factor!r}.")
     M, N = A.shape
     eps = torch.finfo(A.torch_dtype).eps
     symmetric = A.is_symmetric
+    symbol = ("λ" if A.is_psd else "|λ|") if symmetric else "σ"
     floor = 0.0
     if min(M, N) <= k_max + 2 * block_size:
         D = _dense(A, api)
@@ -202,13 +284,25 @@ def rank(A, tol: float | None = None, *, k_max: int = 100, block_size: int = 4, 
         method = f"block Lanczos (b={block_size}) on the Gram operator: the {k_max} largest σ"
         floor = math.sqrt(max(M, N) * eps) * float(mags.max())
     mags = torch.sort(mags, descending=True).values
+    top = float(mags[0]) if mags.numel() else 0.0
     if tol is None:
-        tol = float(mags[0]) * max(M, N) * eps if mags.numel() else 0.0
+        tol = top * max(M, N) * eps
+        rule = f"{symbol}₁·max(M, N)·ε = {top:.4g} · {max(M, N)} · {eps:.3g}"
+    else:
+        rule = "given"
+    if floor > float(tol):
+        rule = (f"raised to the Gram operator's floor √(max(M, N)·ε)·σ₁ = √({max(M, N)} · {eps:.3g}) · {top:.4g} "
+                f"(was {float(tol):.4g}: {rule})")
     tol = max(float(tol), floor)
     count = int((mags > tol).sum())
     lower = count == mags.numel() and mags.numel() < min(M, N)
+    above = float(mags[count - 1]) if count else float("nan")
+    below = float(mags[count]) if count < mags.numel() else float("nan")
+    near = bool(((mags > tol / gap_factor) & (mags <= tol * gap_factor)).any())
     return RankResult(value=count, tol=tol, lower_bound=lower, values=mags, method=method,
-                      num_matvecs=mv, converged=converged)
+                      num_matvecs=mv, converged=converged, tol_rule=rule, above=above, below=below,
+                      gap_factor=float(gap_factor), well_defined=not lower and not near,
+                      complete=mags.numel() == min(M, N), symbol=symbol)
 
 
 def _dense(A, api: str) -> Tensor:
@@ -252,8 +346,12 @@ def cond(A, damping: float = 0.0, *, tol: float = 1e-6, max_iters: int | None = 
         max_iters: Lanczos steps cap per eigensolve.
         generator: random source (reproducibility).
 
+    An eigensolve that stops before converging (``max_iters``, or a clustered small end) returns
+    Ritz values from inside the spectrum: the value is then a *lower bound* on κ
+    (``lower_bound``, ``status == "lower bound"``), not an estimate to quote as is.
+
     Returns:
-        :class:`CondResult` (``kind`` says which formula applied).
+        :class:`CondResult` (``kind`` says which formula applied, ``status`` how far to trust it).
 
     Raises:
         ValueError: negative damping, damping for a non-symmetric operator, an operator too
@@ -274,23 +372,25 @@ def cond(A, damping: float = 0.0, *, tol: float = 1e-6, max_iters: int | None = 
         res = eigsh(op, k=2, which="BE", **kw)
         lo, hi = (float(v) for v in res.eigenvalues.clamp_min(0).sqrt())
         return _cond_result(hi, lo, "general", 0.0, "σ from both ends of the Gram operator's spectrum",
-                            2 * res.num_matvecs, res.converged, math.sqrt(eps23))
+                            2 * res.num_matvecs, res.converged, math.sqrt(eps23), bound=True)
     _check_size(A, api)
     res = eigsh(A, k=2, which="BE", **kw)
     lmin, lmax = (float(v) + damping for v in res.eigenvalues)
     if A.is_psd:
         return _cond_result(lmax, lmin, "psd", damping, "both ends of the spectrum", res.num_matvecs,
-                            res.converged, eps23)
+                            res.converged, eps23, bound=True)
     if lmin > 0 or lmax < 0:  # definite after the shift: the extremes are the smallest and largest |λ|
         big, small = max(abs(lmin), abs(lmax)), min(abs(lmin), abs(lmax))
+        # unconverged Ritz values of an indefinite operator may look definite: no bound then
         return _cond_result(big, small, "symmetric", damping, "both ends of the spectrum (definite)",
-                            res.num_matvecs, res.converged, eps23)
+                            res.num_matvecs, res.converged, eps23, bound=False)
     sq = eigsh(_shifted_square(A, damping), k=1, which="SA", **kw)
     small = math.sqrt(max(float(sq.eigenvalues[0]), 0.0))
     # (A+δI)² resolves its eigenvalues to ε^(2/3)·max², hence min|λ+δ| only to ε^(1/3)·max.
     return _cond_result(max(abs(lmin), abs(lmax)), small, "symmetric", damping,
                         "max|λ+δ| from both ends; min|λ+δ| from the smallest eigenvalue of (A+δI)²",
-                        res.num_matvecs + 2 * sq.num_matvecs, res.converged and sq.converged, math.sqrt(eps23))
+                        res.num_matvecs + 2 * sq.num_matvecs, res.converged and sq.converged, math.sqrt(eps23),
+                        bound=True)
 
 
 def _check_size(op, api: str) -> None:
@@ -299,11 +399,15 @@ def _check_size(op, api: str) -> None:
                          f"use torch.linalg.cond(A.to_dense()).")
 
 
-def _cond_result(largest, smallest, kind, damping, method, mv, converged, resolution) -> CondResult:
-    """``inf`` when ``smallest`` is below what the eigensolve resolves (``resolution · largest``)."""
-    value = math.inf if smallest <= resolution * abs(largest) else largest / smallest
+def _cond_result(largest, smallest, kind, damping, method, mv, converged, resolution, *, bound) -> CondResult:
+    """``inf`` when ``smallest`` is below what the eigensolve resolves (``resolution · largest``).
+
+    ``bound``: an unconverged value is a lower bound on κ (the Ritz values lie inside the spectrum)."""
+    threshold = resolution * abs(largest)
+    value = math.inf if smallest <= threshold else largest / smallest
     return CondResult(value=value, kind=kind, largest=largest, smallest=smallest, damping=damping,
-                      method=method, num_matvecs=mv, converged=converged)
+                      method=method, num_matvecs=mv, converged=converged,
+                      lower_bound=bool(bound and not converged and math.isfinite(value)), zero_threshold=threshold)
 
 
 # ---- norms -----------------------------------------------------------------------------------
