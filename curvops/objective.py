@@ -23,116 +23,25 @@ each pass, so construction never touches the data.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+import inspect
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader
 
+from ._data import Batch, SplitBatches, as_batches, leading_dim, split_dict, tree_leaves, tree_map
+from ._losses import check_target, denominator, resolve_loss, sample_denominators
+from ._modes import product_mode, usable
 from .layout import ParamLayout
 
-_LOSSES = {
-    "mse": nn.MSELoss,
-    "cross_entropy": nn.CrossEntropyLoss,
-    "bce_with_logits": nn.BCEWithLogitsLoss,
-}
-_KIND_OF = {nn.MSELoss: "mse", nn.CrossEntropyLoss: "cross_entropy", nn.BCEWithLogitsLoss: "bce_with_logits"}
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
-
-def _tree_leaves(x) -> list[Tensor]:
-    if isinstance(x, Tensor):
-        return [x]
-    if isinstance(x, Mapping):
-        return [t for v in x.values() for t in _tree_leaves(v)]
-    if isinstance(x, (list, tuple)):
-        return [t for v in x for t in _tree_leaves(v)]
-    return []
-
-
-def _tree_map(fn, x):
-    if isinstance(x, Tensor):
-        return fn(x)
-    if isinstance(x, Mapping):
-        return {k: _tree_map(fn, v) for k, v in x.items()}
-    if isinstance(x, tuple):
-        return tuple(_tree_map(fn, v) for v in x)
-    if isinstance(x, list):
-        return [_tree_map(fn, v) for v in x]
-    return x
-
-
-@dataclass
-class Batch:
-    """One batch on the objective's device: inputs, target, number of samples, index."""
-
-    x: Any
-    y: Any
-    n: int
-    index: int
-
-
-class _SplitBatches:
-    """An (X, y) pair split into batches of ``batch_size`` (re-iterable, lazy)."""
-
-    def __init__(self, X, y, batch_size: int | None):
-        self.X, self.y, self.batch_size = X, y, batch_size
-        self.n = _leading_dim(X, y)
-
-    def __len__(self):
-        if self.batch_size is None:
-            return 1
-        return -(-self.n // self.batch_size)
-
-    def __iter__(self):
-        if self.batch_size is None:
-            yield (self.X, self.y)
-            return
-        for start in range(0, self.n, self.batch_size):
-            sl = slice(start, start + self.batch_size)
-            yield (_tree_map(lambda t: t[sl], self.X), _tree_map(lambda t: t[sl], self.y))
-
-
-def _leading_dim(x, y) -> int:
-    leaves = _tree_leaves(y) + _tree_leaves(x)
-    if not leaves:
-        raise TypeError("Objective: a batch must hold tensors (inputs, target); found none.")
-    return int(leaves[0].shape[0]) if leaves[0].dim() > 0 else 1
-
-
-def _resolve_loss(loss, reduction: str | None) -> tuple[Callable | None, str, str | None, nn.Module | None]:
-    """→ (callable, reduction, kind, module); ``loss=None`` for loss-free quantities (Jacobians, NTK)."""
-    if loss is None:
-        return None, reduction or "sum", None, None
-    if isinstance(loss, str):
-        if loss not in _LOSSES:
-            raise ValueError(f"Objective: unknown loss name {loss!r}; expected one of {sorted(_LOSSES)} or a callable.")
-        loss = _LOSSES[loss](reduction=reduction or "mean")
-    if isinstance(loss, nn.Module) and hasattr(loss, "reduction"):
-        red = loss.reduction
-        if reduction is not None and reduction != red:
-            raise ValueError(
-                f"Objective: reduction={reduction!r} contradicts the loss module's reduction={red!r}; "
-                f"set it on the module only."
-            )
-        if red not in ("mean", "sum"):
-            raise ValueError(
-                f"Objective: expected a loss with reduction 'mean' or 'sum', got reduction={red!r}. "
-                f"Construct the loss with reduction='mean' or 'sum'."
-            )
-        kind = _KIND_OF.get(type(loss))
-        return loss, red, kind, loss
-    if not callable(loss):
-        raise TypeError(f"Objective: expected a loss name, a torch loss module or a callable, got {type(loss).__name__}.")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(
-            "Objective: the reduction of this loss can't be known; pass reduction='mean' if it averages "
-            "over samples or reduction='sum' if it sums them (got "
-            f"reduction={reduction!r})."
-        )
-    return loss, reduction, None, None
+# Old private names, still imported by other modules.
+_tree_leaves, _tree_map, _SplitBatches, _leading_dim = tree_leaves, tree_map, SplitBatches, leading_dim
+_resolve_loss = resolve_loss
+__all__ = ["Objective", "Batch"]
 
 
 def _select_params(model: nn.Module, params) -> list[str]:
@@ -143,7 +52,8 @@ def _select_params(model: nn.Module, params) -> list[str]:
     elif callable(params) and not isinstance(params, nn.Module):
         chosen = [n for n, p in named if params(n, p)]
     else:
-        items = [params] if isinstance(params, (str, nn.Module)) else list(params)
+        items = [params] if isinstance(params, (str, nn.Module, Tensor)) else list(params)
+        by_id = {id(p): n for n, p in named}
         chosen = []
         for item in items:
             if isinstance(item, str):
@@ -158,9 +68,16 @@ def _select_params(model: nn.Module, params) -> list[str]:
                     raise ValueError("Objective: the module given in params= is not a submodule of the model.")
                 ids = {id(p) for p in item.parameters()}
                 chosen.extend(n for n, p in named if id(p) in ids)
+            elif isinstance(item, Tensor):  # the curvlinops idiom: params=model.parameters() or a list of them
+                if id(item) not in by_id:
+                    raise ValueError(
+                        f"Objective: a tensor of shape {tuple(item.shape)} in params= is not a parameter of the "
+                        f"model; pass the model's own parameters (model.parameters()), names or submodules."
+                    )
+                chosen.append(by_id[id(item)])
             else:
                 raise TypeError(
-                    f"Objective: params entries must be names or modules, got {type(item).__name__}."
+                    f"Objective: params entries must be names, submodules or parameters, got {type(item).__name__}."
                 )
         order = {n: i for i, n in enumerate(names_all)}
         chosen = sorted(set(chosen), key=order.__getitem__)
@@ -172,21 +89,42 @@ def _select_params(model: nn.Module, params) -> list[str]:
 class Objective:
     r"""Model, loss and data as pure functions of the selected parameters.
 
+    The objective always uses the parameters and buffers the model has *now*: every pass
+    re-reads them from the model, so in-place updates, ``p.data = …``, ``load_state_dict`` and
+    ``vector_to_parameters`` are followed (contract rule 9); a parameter that changed shape or
+    disappeared is an error.  Every pass runs with gradients enabled, outside inference mode and
+    with autocast off, whatever the caller's context (rule 8).
+
     Args:
         model: an ``nn.Module`` or a plain function ``f(params: dict, x)``.
         loss: ``"mse"``, ``"cross_entropy"``, ``"bce_with_logits"``, a torch loss module with
-            ``reduction`` ``"mean"``/``"sum"``, or any callable ``loss(output, target)`` together with
-            ``reduction=``.
-        data: ``(X, y)`` tensors (``X`` may be a tensor, a tuple or a dict of tensors), a list of such
-            batches, a ``DataLoader``, or any re-iterable of batches.
-        params: which parameters to differentiate: ``None`` (all trainable), names, submodules, or a
-            predicate ``(name, param) -> bool``.  For a plain function: a dict ``{name: tensor}`` of all
-            its parameters (``select=`` then picks a subset).
+            ``reduction`` ``"mean"``/``"sum"`` (``ignore_index``, class ``weight`` and
+            ``label_smoothing`` of cross-entropy are honoured exactly), or any callable
+            ``loss(output, target)`` together with ``reduction=``.
+        data: ``(X, y)`` tensors (``X`` may be a tensor, a tuple or a dict of tensors), a dict of
+            tensors holding the targets under ``target_key``, a list of such batches, a
+            ``DataLoader`` (not shuffling), or any re-iterable of batches.
+        params: which parameters to differentiate: ``None`` (all trainable), names, submodules,
+            parameter tensors (e.g. ``model.parameters()``), or a predicate ``(name, param) -> bool``.
+            For a plain function: a dict ``{name: tensor}`` of all its parameters (``select=`` then
+            picks a subset).
         reduction: the loss's reduction, needed when it can't be read off the loss.
         batch_size: split an ``(X, y)`` pair into batches of this size.
         output: optional ``output(model_output) -> prediction`` (e.g. ``lambda o: o.logits``).
-        allow_stochastic: accept dropout / BatchNorm in train mode (the operator then changes from
-            product to product; see :func:`curvops.check_deterministic`).
+        target_key: the key of the targets in dict batches (default ``"labels"``); the other
+            entries are the model's inputs.
+        call: how dict inputs reach an ``nn.Module``: ``"kwargs"`` (``model(**inputs)``),
+            ``"positional"`` (``model(inputs)``) or ``"auto"``: keyword arguments when the
+            forward's signature takes every key (or ``**kwargs``), else the dict as its one
+            positional argument.
+        allow_stochastic: accept dropout / BatchNorm in train mode and shuffling DataLoaders (the
+            operator then changes from product to product; see :func:`curvops.check_deterministic`).
+
+    Floating data (inputs and targets) is cast to the parameters' dtype, which sets the precision
+    of every product: float32 data for a float64 model is used exactly; float64 data for a float32
+    model is rounded to float32, as ``model(X.float())`` would compute it.  (Plain torch refuses the
+    mix; an operator's precision is its model's, so curvops converts instead.)  Integer data
+    (class targets, token ids) is never cast.
 
     Raises:
         ValueError / TypeError: for every bad input listed above, before any pass over the data.
@@ -203,18 +141,23 @@ class Objective:
         reduction: str | None = None,
         batch_size: int | None = None,
         output: Callable | None = None,
+        target_key: str | None = "labels",
+        call: str = "auto",
         allow_stochastic: bool = False,
     ):
-        self.loss_fn, self.reduction, self.loss_kind, self.loss_module = _resolve_loss(loss, reduction)
+        self.loss_fn, self.reduction, self.loss_kind, self.loss_module = resolve_loss(loss, reduction)
         self.output = output
         self.allow_stochastic = allow_stochastic
+        if call not in ("auto", "kwargs", "positional"):
+            raise ValueError(f"Objective: call must be 'auto', 'kwargs' or 'positional', got {call!r}.")
+        if target_key is not None and not isinstance(target_key, str):
+            raise TypeError(f"Objective: target_key must be a string or None, got {type(target_key).__name__}.")
+        self.call, self.target_key = call, target_key
+        self._styles: dict = {}
         if isinstance(model, nn.Module):
             self.model = model
             names = _select_params(model, params if select is None else select)
-            all_params = dict(model.named_parameters())
-            self._values = {n: all_params[n].detach() for n in names}
-            self._constants = {n: p.detach() for n, p in all_params.items() if n not in self._values}
-            self._buffers = {n: b for n, b in model.named_buffers()}
+            self._source = None
             self._check_modes()
         elif callable(model):
             if not isinstance(params, Mapping) or not params:
@@ -223,6 +166,7 @@ class Objective:
                     "of its parameters."
                 )
             self.model = model
+            self._source = params
             all_params = {n: torch.as_tensor(t) for n, t in params.items()}
             if select is None:
                 names = list(all_params)
@@ -235,12 +179,14 @@ class Objective:
                     raise ValueError(f"Objective: unknown parameter names {unknown}; expected among {list(all_params)}.")
             if not names:
                 raise ValueError("Objective: no parameters selected; check select=.")
-            self._values = {n: all_params[n].detach() for n in all_params if n in names}
-            self._constants = {n: t.detach() for n, t in all_params.items() if n not in self._values}
-            self._buffers = {}
+            names = [n for n in all_params if n in names]
         else:
             raise TypeError(f"Objective: expected an nn.Module or a function f(params, x), got {type(model).__name__}.")
 
+        self._names = tuple(names)
+        self.layout = None
+        self._depth = 0
+        self._refresh()
         values = list(self._values.values())
         self.dtype = values[0].dtype
         self.device = values[0].device
@@ -254,15 +200,68 @@ class Objective:
                 )
             if not bool(torch.isfinite(v).all()):
                 raise ValueError(f"Objective: parameter {n!r} contains NaN or Inf; fix the model before measuring curvature.")
-        self.layout = ParamLayout(tuple(self._values), tuple(v.shape for v in values))
-        self.data = self._as_batches(data, batch_size)
+        self.layout = ParamLayout(self._names, tuple(v.shape for v in values))
+        self.data = as_batches(data, batch_size, has_loss=self.loss_fn is not None, target_key=target_key,
+                               allow_stochastic=allow_stochastic)
         # Value checks (NaN/Inf, target shapes and ranges) run on every pass over a DataLoader or
         # other iterable (its batches may change), but only on the first full pass over fixed
         # tensors (a list of batches or an (X, y) pair): later passes skip the scans.
-        self._fixed_data = isinstance(self.data, (list, tuple, _SplitBatches))
+        self._fixed_data = isinstance(self.data, (list, tuple, SplitBatches))
         self._validated = False
         self._checking = True
         self._bn_training = True  # refreshed by session() before every pass
+
+    # ---- the model's current state -------------------------------------------------
+    def _refresh(self) -> None:
+        """Re-read the selected parameters, the other parameters and the buffers from the model."""
+        if self._source is None:
+            named = dict(self.model.named_parameters())
+            buffers = dict(self.model.named_buffers())
+        else:
+            named = {n: torch.as_tensor(t) for n, t in self._source.items()}
+            buffers = {}
+        missing = [n for n in self._names if n not in named]
+        if missing:
+            raise ValueError(f"Objective: parameter(s) {missing} are no longer in the model; build a new operator "
+                             f"for the changed model.")
+        values = {n: named[n].detach() for n in self._names}
+        if self.layout is not None:
+            for n, shape in zip(self.layout.names, self.layout.shapes):
+                v = values[n]
+                if v.shape != shape or v.dtype != self.dtype or v.device != self.device:
+                    raise ValueError(
+                        f"Objective: parameter {n!r} changed since the operator was built: expected "
+                        f"{tuple(shape)} {self.dtype} on {self.device}, got {tuple(v.shape)} {v.dtype} on "
+                        f"{v.device}. Build a new operator for the changed model."
+                    )
+        self._values = values
+        self._constants = {n: p.detach() for n, p in named.items() if n not in values}
+        self._buffers = buffers
+
+    def _state_tensors(self) -> list[Tensor]:
+        if self._depth == 0:
+            self._refresh()
+        return [*self._values.values(), *self._constants.values(), *self._buffers.values()]
+
+    def state_stamp(self) -> tuple[Tensor, ...]:
+        """Copies of every parameter and buffer the forward reads (keys of caches).
+
+        **Cost**: one copy of the model's parameters and buffers.
+        """
+        return tuple(t.detach().clone() for t in self._state_tensors())
+
+    def state_matches(self, stamp: tuple[Tensor, ...] | None) -> bool:
+        """Whether the model still holds exactly the values of ``stamp`` (O(P), no pass over data).
+
+        Compares values, not version counters: writes through ``p.data`` (``p.data.mul_(…)``) and
+        reassignments (``p.data = …``, ``vector_to_parameters``) do not bump ``p._version``.
+        """
+        if stamp is None:
+            return False
+        current = self._state_tensors()
+        return len(current) == len(stamp) and all(
+            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+            for a, b in zip(stamp, current))
 
     # ---- set-up helpers -----------------------------------------------------------
     def _check_modes(self) -> None:
@@ -287,42 +286,6 @@ class Objective:
                 out.append(f"{name or '<root>'} ({type(m).__name__} in train mode)")
         return out
 
-    @staticmethod
-    def _as_batches(data, batch_size):
-        if isinstance(data, (Tensor, Mapping)):  # inputs only (Jacobians, NTK): no targets
-            split = _SplitBatches(data, None, batch_size)
-            if split.n == 0:
-                raise ValueError("Objective: the data is empty (0 samples).")
-            return split
-        if isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], Tensor):
-            if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-                raise ValueError(f"Objective: batch_size must be a positive integer, got {batch_size!r}.")
-            split = _SplitBatches(data[0], data[1], batch_size)
-            if split.n == 0:
-                raise ValueError("Objective: the data is empty (0 samples).")
-            return split
-        if batch_size is not None:
-            raise ValueError("Objective: batch_size= only applies to data given as an (X, y) pair of tensors.")
-        if isinstance(data, DataLoader):
-            try:
-                if len(data) == 0:
-                    raise ValueError("Objective: the DataLoader is empty (0 batches).")
-            except TypeError:  # iterable datasets have no length
-                pass
-            return data
-        if isinstance(data, (list, tuple)):
-            if len(data) == 0:
-                raise ValueError("Objective: the data is empty (0 batches).")
-            return data
-        if isinstance(data, Iterable):
-            if iter(data) is data:
-                raise TypeError(
-                    "Objective: the data is a one-shot iterator (e.g. a generator); every product needs a fresh "
-                    "pass. Pass a list of batches or a DataLoader."
-                )
-            return data
-        raise TypeError(f"Objective: expected data as (X, y), a list of batches or a DataLoader, got {type(data).__name__}.")
-
     # ---- what operators use -------------------------------------------------------
     @property
     def names(self) -> tuple[str, ...]:
@@ -334,16 +297,9 @@ class Objective:
 
     def theta(self) -> list[Tensor]:
         """Current values of the selected parameters (detached views, shared with the model)."""
+        if self._depth == 0:
+            self._refresh()
         return list(self._values.values())
-
-    def state_versions(self) -> tuple[int, ...]:
-        """In-place version counters of every parameter and buffer the forward reads.
-
-        They change when an optimizer steps or anything writes into the model's tensors, which
-        is how caches built from earlier values know they are stale.
-        """
-        tensors = [*self._values.values(), *self._constants.values(), *self._buffers.values()]
-        return tuple(t._version for t in tensors)
 
     def forward(self, theta: Sequence[Tensor], x) -> Tensor:
         """Pure forward pass ``f(theta, x)`` with ``theta`` in layout order."""
@@ -352,7 +308,10 @@ class Objective:
         if isinstance(self.model, nn.Module):
             p.update(self._buffers_for_call())
             if isinstance(x, Mapping):
-                out = functional_call(self.model, p, (), dict(x))
+                if self._dict_style(x) == "kwargs":
+                    out = functional_call(self.model, p, (), dict(x))
+                else:
+                    out = functional_call(self.model, p, (dict(x),))
             elif isinstance(x, tuple):
                 out = functional_call(self.model, p, x)
             else:
@@ -360,6 +319,15 @@ class Objective:
         else:
             out = self.model(p, x)
         return self.output(out) if self.output is not None else out
+
+    def _dict_style(self, x: Mapping) -> str:
+        """'kwargs' or 'positional' for dict inputs (see ``call=``), decided once per set of keys."""
+        if self.call != "auto":
+            return self.call
+        keys = frozenset(x)
+        if keys not in self._styles:
+            self._styles[keys] = _dict_style_for(self.model, keys)
+        return self._styles[keys]
 
     def _buffers_for_call(self) -> dict[str, Tensor]:
         if self._bn_training:
@@ -384,58 +352,42 @@ class Objective:
         return value.reshape(())
 
     def check_target(self, out: Tensor, y, index: int) -> None:
-        if not self._checking:
-            return
-        if not isinstance(out, Tensor):
-            raise TypeError(
-                f"Objective: the model returned {type(out).__name__}, expected a tensor; pass output= to pick "
-                f"the prediction (e.g. output=lambda o: o.logits)."
-            )
-        kind = self.loss_kind
-        if kind in ("mse", "bce_with_logits"):
-            if not isinstance(y, Tensor) or y.shape != out.shape:
-                raise ValueError(
-                    f"Objective: targets do not match outputs on batch {index}: output shape {tuple(out.shape)}, "
-                    f"target shape {tuple(getattr(y, 'shape', ()))}; {kind} needs equal shapes."
-                )
-        elif kind == "cross_entropy":
-            if out.dim() < 2:
-                raise ValueError(
-                    f"Objective: cross_entropy needs outputs [n, C, ...], got shape {tuple(out.shape)} on batch {index}."
-                )
-            want = (out.shape[0],) + tuple(out.shape[2:])
-            if y.is_floating_point():
-                ok = y.shape == out.shape
-            else:
-                ok = tuple(y.shape) == want
-                if ok and y.numel() and (int(y.min()) < 0 or int(y.max()) >= out.shape[1]):
-                    raise ValueError(
-                        f"Objective: class targets on batch {index} must lie in [0, {out.shape[1]}), got range "
-                        f"[{int(y.min())}, {int(y.max())}]."
-                    )
-            if not ok:
-                raise ValueError(
-                    f"Objective: targets do not match outputs on batch {index}: output shape {tuple(out.shape)}, "
-                    f"target shape {tuple(y.shape)}; expected class indices of shape {want} or probabilities "
-                    f"of shape {tuple(out.shape)}."
-                )
+        if self._checking:
+            check_target(self.loss_kind, self.loss_module, out, y, index)
+
+    def batch_weight(self, batch: Batch) -> float:
+        """The weight of batch b in the whole-data loss: ``d_b`` (mean; see ``curvops._losses``), 1 (sum).
+
+        ``L = Σ_b w_b ℓ_b / Σ_b w_b`` for 'mean' and ``Σ_b ℓ_b`` for 'sum'; ``w_b = 0`` for a batch
+        whose targets are all ignored.
+        """
+        if self.reduction == "sum":
+            return 1.0
+        if self.loss_fn is None:
+            return float(batch.n)
+        return denominator(self.loss_kind, self.loss_module, batch.y, batch.n)
+
+    def sample_weights(self, batch: Batch) -> Tensor | None:
+        """``d_i`` per sample (what the mean of sample i alone divides by), or None when all equal."""
+        return sample_denominators(self.loss_kind, self.loss_module, batch.y, batch.n)
+
+    def normalize(self, acc, total: float):
+        """Apply the whole-data normalization to a sum of ``w_b``-weighted batch terms."""
+        if self.reduction == "sum":
+            return acc
+        if not total > 0:
+            raise ValueError("Objective: every target of the data is ignored (ignore_index) or has zero class "
+                             "weight, so the mean loss is 0/0; check the targets.")
+        return acc / total
 
     def batches(self) -> Iterator[Batch]:
         """One pass over the data: validated batches moved to the device one at a time."""
         count = 0
         self._checking = check = not (self._fixed_data and self._validated)
         for index, batch in enumerate(self.data):
-            if self.loss_fn is None and (isinstance(batch, (Tensor, Mapping)) or (
-                    isinstance(batch, (list, tuple)) and len(batch) == 2 and batch[1] is None)):
-                batch = (batch, None) if isinstance(batch, (Tensor, Mapping)) else batch
-            if isinstance(batch, Mapping) or not isinstance(batch, (list, tuple)) or len(batch) != 2:
-                raise TypeError(
-                    f"Objective: batch {index} must be a pair (inputs, target), got {type(batch).__name__}"
-                    + (f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else "") + "."
-                )
-            x, y = batch
-            n = _leading_dim(x, y)
-            for t in _tree_leaves(x) + _tree_leaves(y):
+            x, y = self._split(batch, index)
+            n = leading_dim(x, y)
+            for t in tree_leaves(x) + tree_leaves(y):
                 if t.dim() > 0 and t.shape[0] != n:
                     raise ValueError(
                         f"Objective: batch {index} has tensors with different numbers of samples "
@@ -443,24 +395,49 @@ class Objective:
                     )
                 if check and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     raise ValueError(f"Objective: batch {index} contains NaN or Inf values.")
-            x = _tree_map(self._to_device, x)
-            y = _tree_map(self._to_device, y)
+            x = tree_map(lambda t: self._to_device(t, index), x)
+            y = tree_map(lambda t: self._to_device(t, index), y)
             count += 1
             yield Batch(x, y, n, index)
         if count == 0:
             raise ValueError("Objective: the data produced no batches.")
         self._validated = True
 
+    def _split(self, batch, index: int):
+        """A raw batch → (inputs, target)."""
+        if isinstance(batch, Mapping):
+            x, y = split_dict(batch, self.target_key)
+            if y is None and self.loss_fn is not None:
+                raise ValueError(
+                    f"Objective: batch {index} is a dict without targets: expected a key {self.target_key!r} "
+                    f"among {sorted(map(str, batch))}. Pass target_key= naming the key of the targets, or give "
+                    f"batches as (inputs, target) pairs."
+                )
+            return x, y
+        if self.loss_fn is None and isinstance(batch, Tensor):
+            return batch, None
+        if not isinstance(batch, (list, tuple)) or len(batch) != 2:
+            raise TypeError(
+                f"Objective: batch {index} must be a pair (inputs, target) or a dict, got {type(batch).__name__}"
+                + (f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else "") + "."
+            )
+        return batch[0], batch[1]
+
     def num_samples(self) -> int:
         """N without a pass: from tensor shapes, a list's batches, or a sized DataLoader's dataset."""
         data = self.data
-        if isinstance(data, _SplitBatches):
+        if isinstance(data, SplitBatches):
             return data.n
         if isinstance(data, (list, tuple)):
             total = 0
-            for b in data:
-                x, y = (b, None) if isinstance(b, (Tensor, Mapping)) else b
-                total += _leading_dim(x, y)
+            for i, b in enumerate(data):
+                if isinstance(b, Mapping):
+                    x, y = split_dict(b, self.target_key)
+                elif isinstance(b, Tensor):
+                    x, y = b, None
+                else:
+                    x, y = self._split(b, i)
+                total += leading_dim(x, y)
             return total
         if isinstance(data, DataLoader):
             try:
@@ -478,38 +455,47 @@ class Objective:
 
     def first_sample(self) -> Batch:
         """The first sample of the first batch (for shape probes; loads one batch)."""
-        batch = next(iter(self.batches()))
-        x = _tree_map(lambda t: t[:1], batch.x)
-        y = None if batch.y is None else _tree_map(lambda t: t[:1] if t.dim() > 0 else t, batch.y)
+        with product_mode():
+            batch = next(iter(self.batches()))
+        x = tree_map(lambda t: t[:1], batch.x)
+        y = None if batch.y is None else tree_map(lambda t: t[:1] if t.dim() > 0 else t, batch.y)
         return Batch(x, y, 1, 0)
 
-    def _to_device(self, t: Tensor) -> Tensor:
-        if t.is_floating_point():
+    def _to_device(self, t: Tensor, index: int = 0) -> Tensor:
+        t = usable(t)
+        if t.is_floating_point():  # the parameters' dtype sets the precision of every product
             return t.to(device=self.device, dtype=self.dtype, non_blocking=True)
         return t.to(device=self.device, non_blocking=True)
 
     def accumulate(self, per_batch: Callable[[Batch], Tensor]) -> Tensor:
         """Σ_b w_b · per_batch(b) with the whole-data normalization (one pass)."""
-        acc, total = None, 0
+        acc, total = None, 0.0
         for batch in self.batches():
+            w = self.batch_weight(batch)
+            if w == 0:
+                continue  # every target of the batch is ignored
             r = per_batch(batch)
-            if self.reduction == "mean":
-                r = r * batch.n
+            r = r * w if self.reduction == "mean" else r
             acc = r if acc is None else acc.add_(r)
-            total += batch.n
-        return acc / total if self.reduction == "mean" else acc
+            total += w
+        return self.normalize(acc, total)
 
     @contextlib.contextmanager
     def session(self):
-        """Leave the model as found: train/eval flags and, for stochastic models, the global RNG."""
+        """One pass's context: the model's current parameters, grad mode on (whatever the caller's
+        mode), and the model left as found (train/eval flags; the global RNG for stochastic models)."""
         modes = [(m, m.training) for m in self.model.modules()] if isinstance(self.model, nn.Module) else []
         self._bn_training = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and mode for m, mode in modes)
         rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []) \
             if self.allow_stochastic else contextlib.nullcontext()
+        if self._depth == 0:
+            self._refresh()
+        self._depth += 1
         try:
-            with rng:
+            with product_mode(), rng:
                 yield self
         finally:
+            self._depth -= 1
             for m, mode in modes:
                 if m.training != mode:
                     m.train(mode)
@@ -532,3 +518,25 @@ class Objective:
 
         with self.session():
             return self.accumulate(per_batch)
+
+
+def _dict_style_for(model: nn.Module, keys: frozenset) -> str:
+    """How ``call='auto'`` passes dict inputs with these keys to ``model.forward``."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return "kwargs"
+    params = list(sig.parameters.values())
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return "kwargs"
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if keys <= named:
+        return "kwargs"
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    if len(required) <= 1 and positional:
+        return "positional"
+    raise TypeError(
+        f"Objective: dict inputs with keys {sorted(map(str, keys))} fit neither model(**inputs) nor model(inputs) "
+        f"for forward{sig}. Pass call='kwargs' or call='positional'."
+    )

@@ -208,13 +208,20 @@ def test_train_mode_batchnorm_refused_and_buffers_untouched(data):
     assert_same(model, snap)  # running stats were not updated
 
 
-def test_shuffling_loader_is_flagged(data):
+@pytest.mark.parametrize("Op", [Hessian, GGN, Fisher, EmpiricalFisher])
+def test_shuffling_loader_is_refused_at_construction(data, Op):
     loader = DataLoader(TensorDataset(*data), batch_size=3, shuffle=True)
-    H = Hessian(mlp(), "cross_entropy", loader)
+    with pytest.raises(ValueError, match=r"DataLoader shuffles \(RandomSampler\).*shuffle=False"):
+        Op(mlp(), "cross_entropy", loader)
+
+
+def test_shuffling_loader_accepted_only_when_asked_and_then_flagged(data):
+    loader = DataLoader(TensorDataset(*data), batch_size=3, shuffle=True)
+    H = Hessian(mlp(), "cross_entropy", loader, allow_stochastic=True)
     report = curvops.check_deterministic(H)
     assert any("shuffles" in s for s in report.issues)
     with pytest.raises(ValueError, match="keep_graphs=True.*shuffles"):
-        Hessian(mlp(), "cross_entropy", loader, keep_graphs=True)
+        Hessian(mlp(), "cross_entropy", loader, keep_graphs=True, allow_stochastic=True)
 
 
 # ---- model left as found, also on errors --------------------------------------------------

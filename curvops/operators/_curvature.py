@@ -68,6 +68,10 @@ class CurvatureOperator(Operator):
         #: which kernel ran in the last product (for diagnostics and benchmarks)
         self.last_path: str | None = None
 
+    def _batch_weight(self, batch: Batch) -> float:
+        """w_b: the product is Σ_b w_b (batch term) / Σ_b w_b for 'mean', Σ_b (batch term) for 'sum'."""
+        return self.objective.batch_weight(batch)
+
     def _prepare(self, batch: Batch):
         """Per-batch state shared by all column chunks of one product (e.g. a gradient graph)."""
         return None
@@ -88,17 +92,18 @@ class CurvatureOperator(Operator):
         # The accumulator lives in parameter form [K, *shape]; it is joined to [P, K] once at the end
         # (no per-batch copies of the whole block).
         acc = [torch.zeros(K, *shape, dtype=V.dtype, device=V.device) for shape in obj.layout.shapes]
-        total = 0
+        total = 0.0
         with obj.session():
             for batch in obj.batches():
+                weight = self._batch_weight(batch)  # d_b for 'mean' (0: every target ignored), 1 for 'sum'
+                if weight == 0:
+                    continue
                 state = self._prepare(batch)
-                weight = batch.n if obj.reduction == "mean" else 1
                 for s, Vs in zip(starts, chunks):
                     self._batch_accumulate(batch, Vs, state, [a[s:s + Vs[0].shape[0]] for a in acc], weight)
-                total += batch.n
+                total += weight
                 del state
-        out = join_columns(acc, K)
-        return out.div_(total) if obj.reduction == "mean" else out
+        return obj.normalize(join_columns(acc, K), total)
 
 
 def output_space(objective: Objective, batch: Batch, theta: Sequence[Tensor], Vs: list[Tensor],

@@ -55,10 +55,15 @@ class ActivationHessian(Operator):
         A, B = self.sizes[rows], self.sizes[cols]
         K = V.shape[1]
         out = V.new_zeros(self.N * A, K)
-        offset = 0
+        offset, total = 0, 0.0
         with obj.session():
             for batch in obj.batches():
                 n = batch.n
+                weight = obj.batch_weight(batch)  # 0 when every target of the batch is ignored
+                if weight == 0:
+                    offset += n
+                    continue
+                total += weight
                 deltas = {name: torch.zeros(n, *self.shapes[name], dtype=obj.dtype, device=obj.device,
                                             requires_grad=True) for name in self._modules}
                 with torch.enable_grad():
@@ -66,7 +71,6 @@ class ActivationHessian(Operator):
                         out_b = obj.forward(obj.theta(), batch.x)
                     value = obj.loss(out_b, batch.y, batch.index)
                     (g,) = torch.autograd.grad(value, deltas[cols], create_graph=True)
-                weight = n / self.N if obj.reduction == "mean" else 1.0
                 Vb = V[offset * B:(offset + n) * B].T.reshape(K, n, *self.shapes[cols])
                 if g.requires_grad:
                     for k in range(K):
@@ -74,7 +78,7 @@ class ActivationHessian(Operator):
                         if h is not None:
                             out[offset * A:(offset + n) * A, k] = weight * h.reshape(-1)
                 offset += n
-        return out
+        return obj.normalize(out, total)
 
     def _matmat_torch(self, V: Tensor) -> Tensor:
         return self._block(V, self.layer, self.layer2)

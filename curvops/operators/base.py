@@ -18,6 +18,7 @@ import scipy.sparse.linalg as spla
 import torch
 from torch import Tensor
 
+from .._modes import product_mode, usable
 from ..layout import ParamLayout
 from . import tags as _tags
 
@@ -109,19 +110,25 @@ class Operator(spla.LinearOperator):
         """Torch product ``A @ V`` for ``V`` of shape [N] or [N, K]."""
         api = f"{self._name} @ v"
         self._check_torch(V, self.shape[1], api)
-        if V.dim() == 1:
-            return self._matmat_torch(V[:, None])[:, 0]
-        if V.shape[1] == 0:
+        if V.dim() == 2 and V.shape[1] == 0:
             return V.new_zeros(self.shape[0], 0)
-        return self._matmat_torch(V)
+        with product_mode():  # contract rule 8: the caller's autograd context never changes the matrix
+            V = usable(V)
+            if V.dim() == 1:
+                return self._matmat_torch(V[:, None])[:, 0]
+            return self._matmat_torch(V)
 
     def rmatmat_torch(self, W: Tensor) -> Tensor:
         """Torch adjoint product ``Aᵀ @ W`` for ``W`` of shape [M] or [M, K]."""
         api = f"{self._name}.T @ v"
         self._check_torch(W, self.shape[0], api)
-        if W.dim() == 1:
-            return self._rmatmat_torch(W[:, None])[:, 0]
-        return self._rmatmat_torch(W)
+        if W.dim() == 2 and W.shape[1] == 0:
+            return W.new_zeros(self.shape[1], 0)
+        with product_mode():
+            W = usable(W)
+            if W.dim() == 1:
+                return self._rmatmat_torch(W[:, None])[:, 0]
+            return self._rmatmat_torch(W)
 
     def _apply(self, x: Any, adjoint: bool = False):
         """Dispatch on the input's kind: torch, dict/list of tensors, numpy."""
@@ -151,6 +158,29 @@ class Operator(spla.LinearOperator):
         )
 
     # ---- scipy face (numpy in, numpy out) -----------------------------------------
+    def _check_numpy(self, x, n: int, api: str, block: bool) -> None:
+        shape = np.shape(x)
+        ok = (len(shape) == 2) if block else (shape == (n,) or shape == (n, 1))
+        if not ok or shape[0] != n:
+            what = "a block [{n}, K]" if block else "a vector of length {n} (or [{n}, 1])"
+            raise ValueError(f"{api}: expected {what.format(n=n)}, got shape {tuple(shape)}.")
+
+    def matvec(self, x):
+        self._check_numpy(x, self.shape[1], f"{self._name}.matvec", block=False)
+        return super().matvec(x)
+
+    def rmatvec(self, x):
+        self._check_numpy(x, self.shape[0], f"{self._name}.rmatvec", block=False)
+        return super().rmatvec(x)
+
+    def matmat(self, X):
+        self._check_numpy(X, self.shape[1], f"{self._name}.matmat", block=True)
+        return super().matmat(X)
+
+    def rmatmat(self, X):
+        self._check_numpy(X, self.shape[0], f"{self._name}.rmatmat", block=True)
+        return super().rmatmat(X)
+
     def _matmat(self, X):
         V = torch.as_tensor(np.asarray(X), dtype=self.torch_dtype, device=self.device)
         return self.matmat_torch(V).detach().cpu().numpy()
@@ -268,11 +298,12 @@ class Operator(spla.LinearOperator):
                 f"max_entries if you really need it dense."
             )
         cols = []
-        for start in range(0, N, chunk):
-            stop = min(start + chunk, N)
-            E = torch.zeros(N, stop - start, dtype=self.torch_dtype, device=self.device)
-            E[torch.arange(start, stop), torch.arange(stop - start)] = 1
-            cols.append(self._matmat_torch(E))
+        with product_mode():
+            for start in range(0, N, chunk):
+                stop = min(start + chunk, N)
+                E = torch.zeros(N, stop - start, dtype=self.torch_dtype, device=self.device)
+                E[torch.arange(start, stop), torch.arange(stop - start)] = 1
+                cols.append(self._matmat_torch(E))
         return torch.cat(cols, dim=1) if cols else torch.zeros(M, 0, dtype=self.torch_dtype, device=self.device)
 
     def __repr__(self) -> str:

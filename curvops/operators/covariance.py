@@ -222,9 +222,9 @@ class GradientCovariance(Operator):
     def mean_gradient(self) -> Tensor:
         """μ = Σ w_i ∇g_i / W over the kept samples (one pass; cached until the parameters change)."""
         obj = self.objective
-        versions = obj.state_versions()
-        if self._mean is not None and self._mean[0] == versions:
+        if self._mean is not None and obj.state_matches(self._mean[0]):
             return self._mean[1]
+        stamp = obj.state_stamp()
         acc = [torch.zeros(s, dtype=self.torch_dtype, device=self.device) for s in obj.layout.shapes]
         total, offset = 0.0, 0
         with obj.session():
@@ -239,7 +239,7 @@ class GradientCovariance(Operator):
                 total += float(w.sum())
         self._check_total(total)
         mu = torch.cat([a.reshape(-1) for a in acc]) / total
-        self._mean = (versions, mu)
+        self._mean = (stamp, mu)
         return mu
 
     def _matmat_torch(self, V: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._losses import kept_targets
 from ..objective import Batch, Objective
 from . import tags as _tags
 from ._curvature import CurvatureOperator, make_objective, output_space
@@ -41,14 +42,12 @@ class _Likelihood:
         self.kind = kind
         self.reduction = objective.reduction
 
-    def scale(self, out: Tensor) -> float:
-        """c_b: 1/(n_b m_b) for 'mean' (m_b loss elements per sample), 1 for 'sum'."""
+    def scale(self, objective: Objective, batch: Batch) -> float:
+        """c_b = 1/d_b for 'mean' (d_b: the number of loss terms the batch mean divides by, ignored
+        targets excluded), 1 for 'sum'."""
         if self.reduction == "sum":
             return 1.0
-        per_sample = out[0].numel() if out.dim() > 0 else 1
-        if self.kind == "cross_entropy":
-            per_sample //= out.shape[1]
-        return 1.0 / (out.shape[0] * per_sample)
+        return 1.0 / objective.batch_weight(batch)
 
     def expected_hessian(self, out: Tensor, T: Tensor) -> Tensor:
         """E_y[∇ℓ ∇ℓᵀ] · T per sample (equals the loss Hessian for these likelihoods)."""
@@ -106,13 +105,20 @@ class Fisher(CurvatureOperator):
         self.mc_samples, self.seed = mc_samples, int(seed)
 
     def _apply_M(self, batch: Batch, out: Tensor, JV: Tensor) -> Tensor:
-        lik = self.likelihood
-        c = lik.scale(out)
+        lik, obj = self.likelihood, self.objective
+        c = lik.scale(obj, batch)
+        keep = kept_targets(obj.loss_kind, obj.loss_module, batch.y)  # ignore_index: those terms drop out
+        if keep is not None:
+            keep = keep.unsqueeze(1).to(out.dtype)  # broadcast over the class dimension
+            JV = JV * keep
         if self.mc_samples is None:
-            return c * lik.expected_hessian(out, JV)
+            M = c * lik.expected_hessian(out, JV)
+            return M if keep is None else M * keep
         gen = torch.Generator(device=out.device)
         gen.manual_seed(self.seed * 1_000_003 + batch.index)
         E = lik.sample_grads(out, self.mc_samples, gen)  # [S, n, ...]
+        if keep is not None:
+            E = E * keep
         acc = torch.zeros_like(JV)
         for s in range(E.shape[0]):
             acc += E[s][None] * _per_sample_dot(E[s], JV)
@@ -131,8 +137,13 @@ class EmpiricalFisher(CurvatureOperator):
     .. math:: \tilde F = \frac{1}{N}\sum_i \nabla\ell_i \nabla\ell_i^\top \ (\text{mean}),\qquad
               \tilde F = \sum_i \nabla\ell_i \nabla\ell_i^\top \ (\text{sum})
 
-    where ℓ_i is the loss of sample i alone (with the loss's own reduction over its elements).
-    Needs a loss that is a sum (or mean) of per-sample terms, each depending on its own output row.
+    where ℓ_i is the loss of sample i alone, exactly as torch computes it on that sample (its own
+    reduction over its elements: for 'mean' a mean over its elements, or over its non-ignored
+    targets with ``ignore_index``), and N the number of samples with at least one counted target
+    ('mean').  Needs a loss that is a sum (or mean) of per-sample terms, each depending on its own
+    output row.  For MSE / BCE with C outputs per sample this makes ℓ_i a mean over C elements:
+    curvlinops' convention (a sum over them, with 1/(N·C) in front) is C times this matrix; see
+    docs/conventions.md.
 
     **Cost**: like :class:`~curvops.GGN` (one forward-mode and one reverse-mode product per column).
     **Tags**: symmetric, psd.
@@ -142,14 +153,29 @@ class EmpiricalFisher(CurvatureOperator):
         objective = make_objective(model_or_objective, loss, data, **kwargs)
         super().__init__(objective, tags=(_tags.PSD,), max_columns=max_columns)
 
+    def _batch_weight(self, batch: Batch) -> float:
+        if self.objective.reduction == "sum":
+            return 1.0
+        d = self.objective.sample_weights(batch)
+        return float(batch.n) if d is None else float((d > 0).sum())
+
     def _apply_M(self, batch: Batch, out: Tensor, JV: Tensor) -> Tensor:
         obj = self.objective
         o = out.detach().requires_grad_()
         with torch.enable_grad():
             value = obj.loss(o, batch.y, batch.index)
             (E,) = torch.autograd.grad(value, o)
-        if obj.reduction == "mean":  # E_i = ∇ℓ_i / n_b; Σ_i J_iᵀ ∇ℓ_i ∇ℓ_iᵀ J_i / n_b = n_b Σ_i J_iᵀ E_i E_iᵀ J_i
-            return batch.n * E[None] * _per_sample_dot(E, JV)
+        if obj.reduction == "mean":
+            # E_i = ∇S_i / d_b (S_i: sample i's summed loss terms, d_b = Σ_i d_i), so ∇ℓ_i = ∇S_i / d_i
+            # = (d_b / d_i) E_i; the batch term is (1/n'_b) Σ_i ∇ℓ_i ∇ℓ_iᵀ over the n'_b counted samples.
+            d = obj.sample_weights(batch)
+            if d is None:
+                G = batch.n * E
+            else:
+                d = d.to(device=E.device, dtype=E.dtype)
+                ratio = torch.where(d > 0, d.sum() / d.clamp(min=torch.finfo(E.dtype).tiny), 0.0)
+                G = ratio.reshape(-1, *([1] * (E.dim() - 1))) * E
+            return G[None] * _per_sample_dot(G, JV) / self._batch_weight(batch)
         return E[None] * _per_sample_dot(E, JV)
 
     def _batch_matmat(self, batch: Batch, Vs: list[Tensor], state=None) -> list[Tensor]:

@@ -22,7 +22,7 @@ class _GraphCache:
         self.max_bytes = int(max_bytes)
         self.entries: dict[int, tuple] = {}
         self.nbytes = 0
-        self.versions: tuple[int, ...] | None = None
+        self.stamp: tuple | None = None  # the parameter and buffer values the graphs were built from
         self.full = False
 
     def clear(self):
@@ -111,8 +111,10 @@ class Hessian(ScalarHessian):
     product costs only the double-backward (about 1.2 gradients on an MLP instead of 2–3).
     Memory: the tensors autograd saves for each batch's forward + backward (measured through
     saved-tensor hooks; about 3–5× the batch's activations), up to ``max_graph_bytes`` in total;
-    batches beyond the budget are recomputed each product.  The cache is dropped when the
-    parameters change in place (e.g. an optimizer step) or with :meth:`clear_cache`.
+    batches beyond the budget are recomputed each product.  The cache is dropped whenever a
+    parameter or buffer of the model holds other values than when the graphs were built (an
+    optimizer step, ``p.data.mul_``, ``p.data = …``, ``load_state_dict``: checked by value before
+    every product, O(P)), or with :meth:`clear_cache`.
 
     **Tags**: symmetric.
 
@@ -187,11 +189,9 @@ class Hessian(ScalarHessian):
 
     def _matmat_torch(self, V: Tensor) -> Tensor:
         cache = self._cache
-        if cache is not None:
-            versions = self.objective.state_versions()
-            if cache.versions != versions:
-                cache.clear()
-                cache.versions = versions
+        if cache is not None and not self.objective.state_matches(cache.stamp):
+            cache.clear()  # the model changed (in place, through .data, or reassigned): rebuild
+            cache.stamp = self.objective.state_stamp()
         return super()._matmat_torch(V)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._modes import product_mode
 from . import tags as _tags
 from .base import Operator
 from .jacobian import Jacobian
@@ -24,7 +25,7 @@ class NTK(Operator):
     product (or :meth:`to_dense`) collects per-layer features within ``memory_budget`` bytes (one
     forward and C VJPs per batch, see :meth:`to_dense`); later products are a few small matrix
     products on them, far cheaper than a pass over the data. The cache is dropped when a
-    parameter or buffer changes in place; models the features do not fit run matrix-free.
+    parameter or buffer changes (compared by value before every product); models the features do not fit run matrix-free.
 
     **Tags**: symmetric, psd when X2 is None (K(X, X)); none for a cross-kernel.
 
@@ -59,9 +60,10 @@ class NTK(Operator):
 
     def _features(self):
         """(feats1, feats2) for the current parameters, or (None, None) when not factorizable."""
-        versions = self.objective.state_versions()
-        if self._cached is not None and self._cached[0] == versions:
+        obj = self.objective
+        if self._cached is not None and obj.state_matches(self._cached[0]):
             return self._cached[1], self._cached[2]
+        stamp = obj.state_stamp() if self.cache_features else None
         try:
             f1 = _features(self.J1, self.memory_budget)
             f2 = f1 if (f1 is None or self.J2 is self.J1) else _features(self.J2, self.memory_budget)
@@ -70,7 +72,7 @@ class NTK(Operator):
         if f2 is None:
             f1 = None
         if self.cache_features:
-            self._cached = (versions, f1, f2)
+            self._cached = (stamp, f1, f2)
         return f1, f2
 
     def _matmat_torch(self, V: Tensor) -> Tensor:
@@ -104,7 +106,8 @@ class NTK(Operator):
             raise ValueError(
                 f"NTK.to_dense: the kernel has {M}×{N} = {M * N:,} entries, above max_entries={max_entries:,}."
             )
-        feats1, feats2 = self._features()
+        with product_mode():
+            feats1, feats2 = self._features()
         if feats1 is None:
             return super().to_dense(max_entries=M * N, chunk=chunk)
         C = self.J1.C

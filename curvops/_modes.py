@@ -1,0 +1,50 @@
+r"""The autograd mode every curvature product runs in, whatever the caller's mode.
+
+A product differentiates the model, so it needs gradient recording, tensors that autograd may
+save, and the operator's own precision.  The caller may be in any context:
+
+* ``torch.no_grad()`` or inside an ``autograd.Function.forward`` (how GPyTorch's
+  linear_operator multiplies during its solves): gradient recording is off;
+* ``torch.inference_mode()``: tensors created there cannot be saved for backward;
+* an ambient ``torch.autocast(...)``: matmuls would silently run in bf16/fp16.
+
+:func:`product_mode` switches to grad mode, leaves inference mode and disables autocast on
+every device type for the duration of a product (the caller's modes come back afterwards), and
+:func:`usable` turns an inference tensor handed in by the caller into a normal one.  So a
+product gives the same matrix in every context (contract rule 8); autocast is never honoured
+inside products: curvature in half precision is a different (and, near rounding, a wrong)
+matrix — cast the model to the precision you want instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+
+def _autocast_device_types() -> list[str]:
+    types = ["cpu"]
+    if torch.cuda.is_available():
+        types.append("cuda")
+    return types
+
+
+@contextlib.contextmanager
+def product_mode():
+    """Grad mode on, inference mode off, autocast off (all device types), for one product."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        for device_type in _autocast_device_types():
+            stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+        yield
+
+
+def usable(t: Tensor) -> Tensor:
+    """``t`` itself, or a normal copy when it was created under ``torch.inference_mode()``."""
+    if t.is_inference():
+        with torch.inference_mode(False):
+            return t.clone()
+    return t
