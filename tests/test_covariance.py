@@ -206,3 +206,65 @@ def test_subset_and_classes_errors_and_untouched_model():
     F = A.factor()
     F.T @ (F @ contract.probes(F.shape[1], 2))
     contract.assert_unchanged(before, contract.snapshot(problem.model))
+
+
+# ---- the cached mean follows the model ---------------------------------------------------------------
+def _centred_dense(problem):
+    """(C, μ, G): the centred covariance (1/N) Σ (g_i − μ)(g_i − μ)ᵀ at the model's current parameters."""
+    G = per_sample_gradients(problem)
+    mu = G.mean(0)
+    return (G - mu).T @ (G - mu) / problem.N, mu, G
+
+
+def _parameter_changes(model):
+    """The ways a user changes parameters after building an operator, each applied in turn."""
+    p = list(model.parameters())
+    g = torch.Generator().manual_seed(9)
+
+    def in_place():  # an optimizer step: bumps p._version
+        with torch.no_grad():
+            p[0].add_(0.3 * torch.randn(p[0].shape, generator=g, dtype=D))
+
+    def data_mul():  # through .data: p._version does not change
+        p[2].data.mul_(1.5)
+
+    def data_reassign():  # new storage behind the same Parameter
+        p[1].data = -0.7 * p[1].data + 0.1
+
+    def vector_to_parameters():
+        v = torch.nn.utils.parameters_to_vector(p)
+        torch.nn.utils.vector_to_parameters(0.9 * v, p)
+
+    return [in_place, data_mul, data_reassign, vector_to_parameters]
+
+
+def test_centred_product_and_mean_follow_parameter_updates():
+    # The mean μ is cached after the first product; every product must use μ at the parameters the
+    # model has *now* (a mean cached once, or keyed on version counters, is stale after .data writes).
+    problem = CASES["mlp_ce"].build("mean")
+    A = problem.build(GradientCovariance, center=True, batch_size=5)
+    V = contract.probes(A.shape[0], 3)
+    C, mu, _ = _centred_dense(problem)
+    contract.assert_matches(A @ V, C @ V, what="before any change")
+    for change in _parameter_changes(problem.model):
+        before = A @ V
+        change()
+        C, mu, _ = _centred_dense(problem)
+        assert not torch.allclose(C @ V, before), change.__name__  # the change matters
+        contract.assert_matches(A @ V, C @ V, what=f"A @ V after {change.__name__}")
+        contract.assert_matches(A.mean_gradient(), mu, what=f"mean_gradient() after {change.__name__}")
+
+
+def test_factor_follows_parameter_updates():
+    # The factor F (FᵀF = C) of a centred covariance caches μ as well.
+    problem = CASES["mlp_ce"].build("mean")
+    F = problem.build(GradientCovariance, center=True, batch_size=5).factor()
+    V = contract.probes(F.shape[1], 3)
+    _, mu, G = _centred_dense(problem)
+    contract.assert_matches(F @ V, (G - mu) @ V / problem.N ** 0.5, what="F @ V before any change")
+    for change in _parameter_changes(problem.model):
+        change()
+        _, mu, G = _centred_dense(problem)
+        contract.assert_matches(F @ V, (G - mu) @ V / problem.N ** 0.5, what=f"F @ V after {change.__name__}")
+        W = contract.probes(F.shape[0], 2, seed=1)
+        contract.assert_matches(F.T @ W, (G - mu).T @ W / problem.N ** 0.5, what=f"F.T @ W after {change.__name__}")
