@@ -247,3 +247,37 @@ def test_ntk_feature_cache_matches_matrix_free_and_follows_parameters():
     after = K @ W
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, NTK(problem.model, X1, batch_size=4, cache_features=False) @ W)
+
+
+# ---- a DataLoader that drops its last partial batch ------------------------------------------------
+def test_jacobian_and_ntk_over_a_drop_last_loader_cover_exactly_the_yielded_samples():
+    # 16 samples in batches of 5 with drop_last=True: the loader yields 15. A sample count taken
+    # from the dataset's size (16) gives 3 extra rows (or columns) of zeros; the oracle is built on
+    # exactly the samples the loader yields, so shape and values both have to be right.
+    problem = CASES["mlp_ce"].build("mean")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(problem.X, problem.y), batch_size=5,
+                                         drop_last=True)
+    seen = torch.cat([x for x, _ in loader])
+    assert seen.shape[0] == 15
+    theta = oracles.flat_params(problem)
+    Jd = jacrev(lambda th: oracles.forward(problem, th, seen))(theta).reshape(15 * 3, -1)
+    J = Jacobian(problem.model, loader)
+    assert J.shape == Jd.shape == (45, theta.numel())
+    contract.check_products(J, Jd)
+    contract.check_adjoint(J)
+    torch.testing.assert_close(J.to_dense(), Jd)
+    for cache in (True, False):
+        K = NTK(problem.model, loader, cache_features=cache)
+        assert K.shape == (45, 45)
+        contract.check_products(K, Jd @ Jd.T)
+        torch.testing.assert_close(K.to_dense(), Jd @ Jd.T)
+    # cross kernel: the dropping loader on either side
+    X1 = problem.X[:7]
+    J1 = jacrev(lambda th: oracles.forward(problem, th, X1))(theta).reshape(21, -1)
+    K12 = NTK(problem.model, X1, loader)
+    assert K12.shape == (21, 45)
+    contract.check_products(K12, J1 @ Jd.T)
+    contract.check_adjoint(K12)
+    K21 = NTK(problem.model, loader, X1)
+    assert K21.shape == (45, 21)
+    contract.check_products(K21, Jd @ J1.T)
