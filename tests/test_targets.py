@@ -319,3 +319,13 @@ def test_float64_data_for_a_float32_model_is_rounded_like_the_model_would():
     a = Hessian(model, "cross_entropy", (X, y)) @ v
     b = Hessian(model, "cross_entropy", (X.float(), y)) @ v
     assert torch.equal(a, b)
+
+
+def test_gradient_covariance_of_the_loss_with_ignored_targets_is_the_empirical_fisher():
+    loss = nn.CrossEntropyLoss()
+    model, X, y = problem()
+    E_dense = per_sample_ef(model, loss, X, y, "mean")
+    V = torch.randn(E_dense.shape[0], 2, dtype=D, generator=torch.Generator().manual_seed(6))
+    for bs in (3, 4):
+        Cov = curvops.GradientCovariance(model, loss, (X, y), batch_size=bs)
+        assert_matches(Cov @ V, E_dense @ V, rtol=1e-10, what=f"GradientCovariance, batch_size={bs}")

@@ -80,7 +80,8 @@ class GradientCovariance(Operator):
     ``classes`` (integer targets in the given classes, decided batch by batch, so DataLoaders
     work); C is normalized by the kept weight W. Its eigenvectors are the active subspace of
     ``g`` (Constantine 2015); for ``g = loss``, unit weights and all samples, the uncentred C is
-    the empirical Fisher with mean normalization.
+    the empirical Fisher with mean normalization (with ``ignore_index``, samples whose targets
+    are all ignored have no loss and are left out, as there).
 
     Also here: :meth:`sample_gradients` (the rows ∇g_i, chunked ``vmap(grad)``) and
     :meth:`factor` (the matrix-free N×P factor F with FᵀF = C).
@@ -184,6 +185,11 @@ class GradientCovariance(Operator):
                                  f"select the samples with subset= instead.")
             in_class = torch.isin(y, self.classes.to(y.device))
             keep = in_class if keep is None else keep & in_class
+        if isinstance(self.g, str) and self.objective.reduction == "mean":
+            d = self.objective.sample_weights(batch)  # a sample whose targets are all ignored has no loss (0/0)
+            if d is not None:
+                counted = (d > 0).to(w.device)
+                keep = counted if keep is None else keep & counted
         if keep is None or bool(keep.all()):
             return batch, w
         idx = keep.nonzero().squeeze(1)
@@ -196,10 +202,13 @@ class GradientCovariance(Operator):
     def kept_weights(self) -> Tensor:
         """Weights ``[N_kept]`` of the kept samples in data order (unit weights: ones).
 
-        **Cost**: no pass, unless ``classes`` is set: then one pass over the data that reads only
-        the targets (the model does not run).
+        **Cost**: no pass, unless ``classes`` is set or ``g="loss"`` with a mean cross-entropy (which
+        may ignore every target of a sample): then one pass over the data that reads only the
+        targets (the model does not run).
         """
-        if self.classes is None:
+        obj = self.objective
+        ignores = isinstance(self.g, str) and obj.reduction == "mean" and obj.loss_kind == "cross_entropy"
+        if self.classes is None and not ignores:
             n = self.objective.num_samples()
             w = torch.ones(n, dtype=self.torch_dtype, device=self.device) if self.weights is None else self.weights
             return w if self.subset_mask is None else w[self.subset_mask]
@@ -401,16 +410,18 @@ class GradientFactor(Operator):
         self.covariance, self.row_weights, self.total_weight = cov, w, total
         self.scale = (w / total).sqrt()  # D
         self.max_columns = cov.max_columns
-        self._mu: Tensor | None = None
+        self._mu: tuple | None = None  # (state stamp, μ)
 
     def mean(self) -> Tensor | None:
-        """μ [P] (None when not centred); one pass, cached."""
+        """μ [P] (None when not centred); one pass, cached until a parameter or buffer changes."""
         if not self.covariance.center:
             return None
-        if self._mu is None:
+        obj = self.covariance.objective
+        if self._mu is None or not obj.state_matches(self._mu[0]):
+            stamp = obj.state_stamp()
             u = (self.row_weights / self.total_weight)[:, None]
-            self._mu = self._uncentred_rmatmat(u)[:, 0]
-        return self._mu
+            self._mu = (stamp, self._uncentred_rmatmat(u)[:, 0])
+        return self._mu[1]
 
     def _batches(self):
         """(kept batch, row slice) over one pass, with the row count checked."""
