@@ -65,7 +65,7 @@ def _error(message: str) -> int:
 
 
 def _problem(args):
-    """(model, loss, data, params, batch_size, source) for the demo or the user's model."""
+    """(model, loss, data, params, batch_size, source, warnings) for the demo or the user's model."""
     from .report.loading import load_problem, resolve_device, resolve_dtype
 
     if args.model is None:
@@ -90,7 +90,7 @@ def _problem(args):
                                  f"{names}.")
         source = {"model": "built-in demo: tanh MLP trained on three Gaussian blobs (curvops.demo.demo_problem)",
                   "data": "built-in synthetic blobs", "loss": "cross_entropy"}
-        return model, "cross_entropy", (X.to(device), y.to(device)), params, args.batch_size, source
+        return model, "cross_entropy", (X.to(device), y.to(device)), params, args.batch_size, source, []
     missing = [f"--{o}" for o in ("data", "loss") if getattr(args, o) is None]
     if missing:
         raise ValueError(f"--model: expected {' and '.join(missing)} as well (the data and the loss to measure "
@@ -99,7 +99,7 @@ def _problem(args):
         sys.path.insert(0, os.getcwd())
     p = load_problem(model=args.model, data=args.data, loss=args.loss, checkpoint=args.checkpoint,
                      params=args.params, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
-    return p.model, p.loss, p.data, p.params, p.batch_size, p.source
+    return p.model, p.loss, p.data, p.params, p.batch_size, p.source, p.warnings
 
 
 def _report(args) -> int:
@@ -143,7 +143,7 @@ def set_torch_threads(n: int) -> None:
 def _run(args, sections) -> int:
     start = time.perf_counter()
     try:
-        model, loss, data, params, batch_size, source = _problem(args)
+        model, loss, data, params, batch_size, source, warnings = _problem(args)
     except (ValueError, TypeError, ImportError, OSError) as err:
         return _error(str(err))
     from .report.build import build_report
@@ -151,7 +151,7 @@ def _run(args, sections) -> int:
     try:
         summary = build_report(model, loss, data, args.outdir, quick=args.quick, top_k=args.top_k, params=params,
                                progress=not args.no_progress, seed=args.seed, batch_size=batch_size,
-                               strict=args.strict, source=source, sections=sections)
+                               strict=args.strict, source=source, sections=sections, warnings=warnings)
     except (ValueError, TypeError) as err:  # bad settings, raised before any heavy work (or strict)
         if args.strict:
             raise
@@ -165,12 +165,20 @@ def _run(args, sections) -> int:
 
 
 def _print_summary(summary: dict, outdir: str, seconds: float) -> None:
+    """The console summary: warnings first, then the headline figures, each with its status."""
+    for line in summary_lines(summary, outdir, seconds):
+        print(line)
+
+
+def summary_lines(summary: dict, outdir: str, seconds: float) -> list[str]:
+    """The lines :func:`_print_summary` prints (every figure with its caveat, as in the HTML)."""
     from .report.html import fmt
 
     secs = {k: v for k, v in summary["sections"].items() if v.get("status") == "ok"}
     figs = sum(1 for f in summary["figures"].values() if f.get("file"))
-    print(f"curvops report: wrote {os.path.join(outdir, 'index.html')} ({figs} figures, summary.json) "
-          f"in {seconds:.1f} s")
+    out = [f"curvops report: wrote {os.path.join(outdir, 'index.html')} ({figs} figures, summary.json) "
+           f"in {seconds:.1f} s"]
+    out += [f"  WARNING: {w}" for w in summary.get("warnings", [])]
     lines = []
     if "overview" in secs:
         o = secs["overview"]
@@ -178,28 +186,35 @@ def _print_summary(summary: dict, outdir: str, seconds: float) -> None:
                      f"loss {fmt(o['loss'])}, gradient norm {fmt(o['grad_norm'])}")
     if "eigenvalues" in secs:
         e = secs["eigenvalues"]
-        lines.append("Hessian top eigenvalues: " + " ".join(fmt(v) for v in e["hessian_top"]["eigenvalues"]))
-        lines.append("Hessian most negative:   " + " ".join(fmt(v) for v in e["hessian_bottom"]["eigenvalues"]))
-        lines.append("GGN top eigenvalues:     " + " ".join(fmt(v) for v in e["ggn_top"]["eigenvalues"]))
+        for label, key in (("Hessian top eigenvalues: ", "hessian_top"), ("Hessian most negative:   ", "hessian_bottom"),
+                           ("GGN top eigenvalues:     ", "ggn_top")):
+            caveat = "" if e[key]["converged"] else f" (not converged in {e[key]['num_matvecs']} products)"
+            lines.append(label + " ".join(fmt(v) for v in e[key]["eigenvalues"]) + caveat)
     if "trace" in secs:
         t = secs["trace"]
         lines.append(f"trace: Hessian {fmt(t['hessian']['value'])} ± {fmt(t['hessian']['stderr'])}, "
-                     f"GGN {fmt(t['ggn']['value'])} ± {fmt(t['ggn']['stderr'])}")
-    if "condition" in secs and "rank" in secs:
-        c, r = secs["condition"]["ggn"], secs["rank"]["ggn"]
-        lines.append(f"GGN: condition number {fmt(c['value'])}, rank {'≥ ' if r['lower_bound'] else ''}"
-                     f"{r['value']} of {r['size']}")
+                     f"GGN {fmt(t['ggn']['value'])} ± {fmt(t['ggn']['stderr'])} (± one standard error)")
+    for key, name in (("ggn", "GGN"), ("hessian", "Hessian")):
+        if "condition" in secs:
+            c = secs["condition"][key]
+            lines.append(f"{name}: condition number {c['display']} ({c['caveat']})")
+        if "rank" in secs:
+            r = secs["rank"][key]
+            lines.append(f"{name}: rank {r['display']} ({r['caveat']})")
     if "stationary" in secs:
         s = secs["stationary"]
-        lines.append(f"point: {s['kind'].replace('_', ' ')} (curvature: {s['curvature']})")
+        caveat = "" if s["converged"] else " (eigensolver not converged)"
+        lines.append(f"point: {s['kind'].replace('_', ' ')} (curvature: {s['curvature']}){caveat}")
     if "ntk" in secs:
-        lines.append(f"NTK ({secs['ntk']['size']}×{secs['ntk']['size']}): largest eigenvalue "
-                     f"{fmt(secs['ntk']['largest'])}")
+        n = secs["ntk"]
+        how = "all eigenvalues, dense" if n["complete"] else n["method"]
+        lines.append(f"NTK ({n['size']}×{n['size']}): largest eigenvalue {fmt(n['largest'])} ({how})")
     for name, s in summary["sections"].items():
-        if s.get("status") != "ok":
+        if s.get("status") == "error":
+            lines.append(f"{name}: FAILED ({s.get('message')}) — details in the report")
+        elif s.get("status") != "ok":
             lines.append(f"{name}: {s['status']} ({s.get('message')})")
-    for line in lines:
-        print("  " + line)
+    return out + ["  " + line for line in lines]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,14 +126,38 @@ def test_trace_density_condition_rank_stationary_match(default_run, demo):
     tol = 1e-6 * float(exact.abs().max())
     assert float(exact[0]) - tol <= dens["node_min"] and dens["node_max"] <= float(exact[-1]) + tol
 
+    # the eigensolver's own figure, with its status: Lanczos does not converge at the GGN's clustered
+    # small end in the default budget, so its figure is a lower bound (below the exact ratio)
+    G_exact = torch.linalg.eigvalsh(curvops.GGN(model, "cross_entropy", (X, y)).to_dense())
     c = secs["condition"]["ggn"]
     ref = curvops.cond(curvops.GGN(model, "cross_entropy", (X, y)), max_iters=b["cond_max_iters"], generator=gen())
-    assert c["value"] == pytest.approx(ref.value, rel=1e-8) and c["kind"] == "psd"
+    assert c["eigensolver_value"] == pytest.approx(ref.value, rel=1e-8) and c["kind"] == "psd"
+    assert c["eigensolver_status"] == ref.status == "lower bound" and c["lower_bound"] is True
+    # issue 10: the demo GGN has eigenvalues below λ₁·n·ε: κ is infinite to working precision, and
+    # the report says so instead of printing a finite figure beside "rank 321 of 371"
+    eps = torch.finfo(torch.float64).eps
+    cutoff = float(G_exact[-1]) * 371 * eps
+    assert int((G_exact.abs() <= cutoff).sum()) > 0
+    assert c["value"] == "inf" and c["status"] == "numerically singular" and c["display"] == "∞"
 
     r = secs["rank"]["hessian"]
     assert r["lower_bound"] is False  # the demo model is small: the exact dense path
     assert r["value"] == int((exact.abs() > r["tol"]).sum())
-    assert r["tol"] == pytest.approx(float(exact.abs().max()) * 371 * torch.finfo(torch.float64).eps, rel=1e-8)
+    assert r["tol"] == pytest.approx(float(exact.abs().max()) * 371 * eps, rel=1e-8)
+    mags = exact.abs().sort(descending=True).values
+    assert r["above"] == pytest.approx(float(mags[r["value"] - 1]), rel=1e-6)
+    assert abs(r["below"]) < 1e-14 and r["well_defined"] and r["status"] == "well defined"
+    assert r["display"] == f"{r['value']} of 371" and "clear gap" in r["caveat"]
+    ch = secs["condition"]["hessian"]  # rank-deficient with a clear gap: κ on the numerical range as well
+    assert ch["value"] == "inf" and ch["restricted_rank"] == r["value"]
+    assert ch["restricted_value"] == pytest.approx(float(mags[0] / mags[r["value"] - 1]), rel=1e-6)
+    # the GGN's spectrum decays smoothly through its cutoff: its rank is not presented as a fact
+    rg = secs["rank"]["ggn"]
+    near = int(((G_exact.abs() > cutoff / 10) & (G_exact.abs() <= cutoff * 10)).sum())
+    assert rg["tol"] == pytest.approx(cutoff, rel=1e-8) and near > 2
+    assert rg["well_defined"] is False and rg["display"] == "not well defined at this precision"
+    assert rg["below"] <= rg["tol"] < rg["above"] and "no gap at the cutoff λ₁·n·ε" in rg["caveat"]
+    assert c["restricted_value"] is None and "not well defined" in c["caveat"]
 
     st = secs["stationary"]
     assert st["kind"] == "not_stationary" and st["curvature"] == "saddle"
@@ -320,7 +344,12 @@ def test_build_report_top_k_sections_and_failing_section(tmp_path, monkeypatch):
                            sections=["eigenvalues", "trace"])
     assert list(summary["sections"]) == ["overview", "eigenvalues", "trace"]
     assert len(summary["sections"]["eigenvalues"]["hessian_top"]["eigenvalues"]) == 3
-    assert summary["sections"]["trace"] == {"status": "error", "message": "RuntimeError: boom"}
+    err = summary["sections"]["trace"]
+    assert set(err) == {"status", "message", "traceback"}
+    assert err["status"] == "error" and err["message"] == "RuntimeError: boom"
+    assert err["traceback"].startswith("Traceback") and "in broken" in err["traceback"]
+    assert summary["failed_sections"] == ["trace"]
+    assert summary["warnings"] == ["The trace section failed: RuntimeError: boom"]
     assert "RuntimeError: boom" in (tmp_path / "index.html").read_text()
     with pytest.raises(RuntimeError, match="boom"):
         build_report(model, "cross_entropy", (X, y), tmp_path, quick=True, progress=False, strict=True,
@@ -329,6 +358,39 @@ def test_build_report_top_k_sections_and_failing_section(tmp_path, monkeypatch):
         build_report(model, "cross_entropy", (X, y), tmp_path, sections=["nope"], progress=False)
     with pytest.raises(ValueError, match="build_report: expected top_k ≥ 1"):
         build_report(model, "cross_entropy", (X, y), tmp_path, top_k=0, progress=False)
+
+
+def test_a_failed_analysis_is_shown_in_the_console_the_html_and_the_summary(tmp_path, monkeypatch, capsys):
+    """Issue 10: the report never drops a section silently."""
+    import importlib
+
+    AS = importlib.import_module("curvops.analysis.active_subspace")  # the package exports a function of that name
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("quantile() q tensor must be same dtype as the input tensor")
+
+    monkeypatch.setattr(AS, "active_subspace", failing)
+    out = tmp_path / "rep"
+    rc = main(["report", str(out), "--quick", "--no-progress", "--sections", "trace,active_subspace"])
+    assert rc == 1
+    console = capsys.readouterr()
+    message = "RuntimeError: quantile() q tensor must be same dtype as the input tensor"
+    assert f"WARNING: The active_subspace section failed: {message}" in console.out
+    assert f"active_subspace: FAILED ({message})" in console.out
+    assert "sections failed: active_subspace" in console.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["sections"]) == ["overview", "trace", "active_subspace"]
+    sec = summary["sections"]["active_subspace"]
+    assert sec["status"] == "error" and sec["message"] == message and "in failing" in sec["traceback"]
+    assert summary["sections"]["trace"]["status"] == "ok" and summary["failed_sections"] == ["active_subspace"]
+    page = (out / "index.html").read_text()
+    top = page.index('id="warnings"')
+    assert top < page.index('class="cards"') < page.index('<section id="active_subspace">')
+    assert htmllib.escape(message, quote=False) in page[top:page.index('class="cards"')]
+    assert '<a href="#active_subspace">' in page[top:page.index('class="cards"')]
+    section = page[page.index('<section id="active_subspace">'):]
+    assert "This section failed: " + htmllib.escape(message, quote=False) in section and "<details>" in section
+    check_report_html(out, summary)
 
 
 # ---- the command line -----------------------------------------------------------------------------

@@ -352,8 +352,47 @@ def _condition(ctx: _Context) -> dict:
         res = cond(A, max_iters=ctx.budgets.cond_max_iters, generator=ctx.generator())
         out[key] = {"value": float(res.value), "kind": res.kind, "largest": float(res.largest),
                     "smallest": float(res.smallest), "method": res.method, "num_matvecs": int(res.num_matvecs),
-                    "converged": bool(res.converged), "max_iters": ctx.budgets.cond_max_iters}
+                    "converged": bool(res.converged), "max_iters": ctx.budgets.cond_max_iters,
+                    "lower_bound": bool(res.lower_bound), "zero_threshold": float(res.zero_threshold),
+                    "eigensolver_value": float(res.value), "eigensolver_status": res.status,
+                    "source": "eigensolver", **_cond_status(res.value, res.status, res.num_matvecs,
+                                                            res.zero_threshold)}
     return out
+
+
+def _cond_status(value: float, status: str, num_matvecs: int, zero_threshold: float) -> dict:
+    """``status``, a ``display`` string, a short ``caveat`` and a one-sentence ``note`` for a :func:`cond` result."""
+    if status == "infinite":
+        return {"status": "infinite", "display": "∞",
+                "caveat": f"zero to working precision: the smallest eigenvalue is at most {zero_threshold:.4g}",
+                "note": f"Infinite: the smallest eigenvalue is below what the eigensolve resolves "
+                        f"({zero_threshold:.4g}), i.e. zero to working precision."}
+    if status == "converged":
+        return {"status": "converged", "display": f"{value:.4g}", "caveat": "Lanczos converged",
+                "note": "The eigensolver converged at both ends of the spectrum."}
+    if status == "lower bound":
+        return {"status": "lower bound", "display": f"≥ {value:.4g}",
+                "caveat": f"a lower bound: Lanczos did not converge in {num_matvecs} products",
+                "note": f"A lower bound, not a value: the eigensolver did not converge in {num_matvecs} products; "
+                        f"its Ritz values lie inside the spectrum, so the true condition number is at least this."}
+    return {"status": "not converged", "display": f"≈ {value:.4g}",
+            "caveat": f"not converged in {num_matvecs} products, and not a bound",
+            "note": f"An unconverged estimate, not a bound: the eigensolver did not converge in {num_matvecs} "
+                    f"products."}
+
+
+def _cutoff(r: dict) -> str:
+    """``"λ₁·n·ε = 1.9e-14"``: the rank's cutoff by its rule's name and value."""
+    rule = r["tol_rule"].split(" = ")[0] if " = " in r["tol_rule"] else r["tol_rule"]
+    return f"{rule} = {r['tol']:.4g}"
+
+
+def _around(r: dict) -> str:
+    sym, k = r["symbol"], r["value"]
+    parts = [f"{sym}{k} = {r['above']:.4g}"] if k > 0 else []
+    if not math.isnan(r["below"]):
+        parts.append(f"{sym}{k + 1} = {r['below']:.4g}")
+    return ", ".join(parts)
 
 
 def _rank(ctx: _Context) -> dict:
@@ -362,10 +401,72 @@ def _rank(ctx: _Context) -> dict:
     out = {}
     for key, A in (("ggn", ctx.G), ("hessian", ctx.H)):
         res = rank(A, k_max=ctx.budgets.rank_k_max, generator=ctx.generator())
-        out[key] = {"value": int(res.value), "tol": float(res.tol), "lower_bound": bool(res.lower_bound),
-                    "k_max": ctx.budgets.rank_k_max, "size": ctx.num_params, "method": res.method,
-                    "num_matvecs": int(res.num_matvecs), "converged": bool(res.converged)}
+        size = ctx.num_params
+        r = {"value": int(res.value), "tol": float(res.tol), "lower_bound": bool(res.lower_bound),
+             "k_max": ctx.budgets.rank_k_max, "size": size, "method": res.method,
+             "num_matvecs": int(res.num_matvecs), "converged": bool(res.converged),
+             "status": res.status, "well_defined": bool(res.well_defined), "tol_rule": res.tol_rule,
+             "symbol": res.symbol, "above": res.above, "below": res.below, "gap_factor": res.gap_factor,
+             "largest": float(res.values[0]) if res.values.numel() else 0.0,
+             "smallest": float(res.values[-1]) if res.values.numel() else 0.0,
+             "complete": bool(res.complete), "note": res.explain()}
+        if res.lower_bound:
+            r["display"] = f"≥ {res.value} of {size}"
+            r["caveat"] = f"a lower bound: all {res.values.numel()} computed values exceed the cutoff {_cutoff(r)}"
+        elif res.well_defined:
+            r["display"] = f"{res.value} of {size}"
+            r["caveat"] = f"cutoff {_cutoff(r)}, clear gap: {_around(r)}"
+        else:
+            r["display"] = "not well defined at this precision"
+            r["caveat"] = (f"no gap at the cutoff {_cutoff(r)}: {_around(r)}; {res.value} of {size} values above it, "
+                           f"but another cutoff gives another count")
+        if not res.converged:
+            r["caveat"] += f"; the eigensolver did not converge in {res.num_matvecs} products"
+        out[key] = r
     return out
+
+
+def _reconcile(sections: dict) -> None:
+    """Make the condition numbers agree with the ranks, where both sections ran.
+
+    A numerically rank-deficient operator (eigenvalues at or below the rank's cutoff λ₁·n·ε, far
+    below what a Lanczos estimate of κ resolves) has an infinite condition number to working
+    precision (κ > 1/(n·ε)); the condition number on the numerical range (largest over smallest
+    *counted* value) is given beside it when the rank is well defined.  A full-rank operator
+    whose eigenvalues are all known (dense rank path) gets κ from them, exactly.  The
+    eigensolver's own figure and status stay in ``eigensolver_value`` / ``eigensolver_status``.
+    """
+    cond, rank = sections.get("condition", {}), sections.get("rank", {})
+    if cond.get("status") != "ok" or rank.get("status") != "ok":
+        return
+    for key in ("ggn", "hessian"):
+        c, r = cond.get(key), rank.get(key)
+        if not c or not r or r["lower_bound"] or c.get("kind") == "general":
+            continue
+        lanczos = f"The eigensolver alone gave {c['display']} ({c['eigensolver_status']})."
+        if r["value"] < r["size"]:
+            zeros = r["size"] - r["value"]
+            restricted = r["largest"] / r["above"] if r["value"] > 0 and r["well_defined"] else None
+            c.update(value=math.inf, status="numerically singular", display="∞", source="rank",
+                     restricted_value=restricted, restricted_rank=r["value"])
+            c["caveat"] = f"numerically singular: {zeros} of {r['size']} eigenvalues at or below the cutoff {_cutoff(r)}"
+            if restricted is not None:
+                c["caveat"] += f"; {restricted:.4g} on the {r['value']}-dimensional numerical range"
+                tail = (f" On the {r['value']}-dimensional numerical range (the counted eigenvalues) it is "
+                        f"{restricted:.4g} ({r['symbol']}1 / {r['symbol']}{r['value']}).")
+            else:
+                c["caveat"] += "; the rank is not well defined, so neither is κ on the numerical range"
+                tail = (" The rank is not well defined at this precision (no clear gap at the cutoff), so neither "
+                        "is a condition number on the numerical range.")
+            c["note"] = (f"Infinite to working precision: the operator is numerically rank-deficient, {zeros} of "
+                         f"{r['size']} eigenvalues at or below the rank cutoff {r['tol']:.4g} ({r['tol_rule']})."
+                         f"{tail} {lanczos}")
+        elif r["complete"]:
+            value = r["largest"] / r["smallest"]
+            c.update(value=value, status="exact", display=f"{value:.4g}", source="rank",
+                     caveat=f"from all {r['size']} eigenvalues (dense)",
+                     note=f"From all {r['size']} eigenvalues (dense, exact to rounding): "
+                          f"{r['symbol']}1 / {r['symbol']}{r['size']}. {lanczos}")
 
 
 def _stationary(ctx: _Context) -> dict:
@@ -409,6 +510,14 @@ def _ntk(ctx: _Context) -> dict:
         out["top_k"] = min(b.top_k, size)
     _figure_ntk(ctx, out)
     return out
+
+
+def _traceback(err: BaseException, limit: int = 4000) -> str:
+    """The error's traceback (its last ``limit`` characters), for the report."""
+    import traceback
+
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    return text if len(text) <= limit else "…" + text[-limit:]
 
 
 class _Pending(Exception):
@@ -585,7 +694,7 @@ def _environment(ctx: _Context) -> dict:
 
 def build_report(model, loss, data, outdir, *, quick: bool = False, top_k: int | None = None, params=None,
                  progress: bool = True, seed: int = 0, batch_size: int | None = None, strict: bool = False,
-                 source: dict | None = None, sections=None) -> dict:
+                 source: dict | None = None, sections=None, warnings=None) -> dict:
     r"""Measure a model's curvature and write a report directory; return the summary.
 
     Writes to ``outdir`` (created if needed): ``index.html`` (self-contained: inline CSS, no
@@ -594,8 +703,18 @@ def build_report(model, loss, data, outdir, *, quick: bool = False, top_k: int |
     environment (library versions, device, dtype) and the seed.
 
     Sections (:data:`SECTIONS`) run in order; a section that fails is recorded with its error
-    (``summary["sections"][name]["status"] == "error"``) and the others still run, unless
-    ``strict``.  A section whose library module is missing is recorded as ``"pending"``.
+    (``summary["sections"][name]`` is ``{"status": "error", "message": "<Type>: <text>",
+    "traceback": "..."}``), listed in ``summary["failed_sections"]`` and ``summary["warnings"]``,
+    shown at the top of the page and in its place, and the others still run, unless ``strict``.
+    No section is ever left out silently.  A section whose library module is missing is
+    recorded as ``"pending"``.
+
+    Every figure carries its status: eigensolves their ``converged`` flag; a condition number
+    its ``status`` (``"converged"``, ``"lower bound"`` when the eigensolver stopped early,
+    ``"infinite"``, ``"numerically singular"`` when the rank section finds eigenvalues below its
+    cutoff, ``"exact"`` from all eigenvalues) with a ``display`` string and a ``note``; a rank its
+    cutoff rule, the values just above and below the cutoff and whether the rank is well defined
+    there (:func:`~curvops.rank`).
 
     **Cost** (defaults; ``quick`` about a third): a few hundred Hessian/GGN products (one data
     pass each): top-k eigensolves, 2 × 10 × 80 for the densities, 2 × 100 for the traces, a few
@@ -618,6 +737,8 @@ def build_report(model, loss, data, outdir, *, quick: bool = False, top_k: int |
         strict: re-raise the first section error instead of recording it.
         source: free-form description of where model and data came from (recorded).
         sections: run only these sections (default all; ``"overview"`` always runs).
+        warnings: sentences to show at the top of the report (e.g. "the weights are untrained");
+            stored in ``summary["warnings"]`` before those about failed sections.
 
     Returns:
         The summary dict (JSON-native: lists, floats, strings; non-finite floats as ``"inf"``/``"nan"``).
@@ -643,6 +764,9 @@ def build_report(model, loss, data, outdir, *, quick: bool = False, top_k: int |
         raise ValueError(f"build_report: expected sections among {list(SECTIONS)}, got unknown {unknown}.")
     if not isinstance(seed, int):
         raise TypeError(f"build_report: expected an integer seed, got {type(seed).__name__}.")
+    if warnings is not None and (isinstance(warnings, str) or not all(isinstance(w, str) for w in warnings)):
+        raise TypeError(f"build_report: expected warnings as a list of strings, got {warnings!r}. "
+                        f"Pass e.g. warnings=['the weights are untrained'].")
     ctx = _Context(model, loss, data, params=params, batch_size=batch_size,
                    budgets_kw=dict(quick=quick, top_k=top_k), seed=seed, outdir=str(outdir), strict=strict)
     os.makedirs(outdir, exist_ok=True)
@@ -654,6 +778,7 @@ def build_report(model, loss, data, outdir, *, quick: bool = False, top_k: int |
                      "generator": "each randomized call: torch.Generator(device).manual_seed(seed)",
                      "budgets": asdict(ctx.budgets)},
         "source": source or {"model": type(model).__name__},
+        "warnings": list(warnings or []), "failed_sections": [],
         "sections": {}, "timings": {}, "figures": {},
     }
     bar = tqdm(total=len(wanted), desc="curvops report", unit="section", file=sys.stderr, disable=not progress,
@@ -671,13 +796,20 @@ def build_report(model, loss, data, outdir, *, quick: bool = False, top_k: int |
             except Exception as err:
                 if strict:
                     raise
-                result = {"status": "error", "message": f"{type(err).__name__}: {err}"}
+                result = {"status": "error", "message": f"{type(err).__name__}: {err}",
+                          "traceback": _traceback(err)}
+                summary["failed_sections"].append(name)
+                summary["warnings"].append(f"The {name} section failed: {type(err).__name__}: {err}")
             summary["sections"][name] = result
             summary["timings"][name] = time.perf_counter() - t0
             bar.update(1)
     finally:
         bar.close()
+    _reconcile(summary["sections"])
     summary["figures"] = ctx.figures
+    for key, fig in ctx.figures.items():
+        if fig.get("status") == "error":
+            summary["warnings"].append(f"The figure {key} was not drawn: {fig.get('message')}")
     summary["timings"]["total"] = time.perf_counter() - start
     summary = to_jsonable(summary)
     with open(os.path.join(outdir, SUMMARY_FILE), "w", encoding="utf-8") as fh:

@@ -46,6 +46,9 @@ figcaption { color: var(--muted); font-size: 13px; }
 .box { border-left: 4px solid var(--warn); background: #fff8e8; padding: 8px 12px; margin: 8px 0; }
 .box.error { border-color: var(--bad); background: #fdeeee; }
 .verdict { font-size: 18px; font-weight: 600; }
+p.caveat { margin: 4px 0; font-size: 14px; }
+.box ul { margin: 6px 0; padding-left: 20px; }
+pre { white-space: pre-wrap; font-size: 12px; }
 .timing { color: var(--muted); font-size: 12px; float: right; }
 .flex { display: flex; flex-wrap: wrap; gap: 20px; align-items: flex-start; }
 .flex > div { flex: 1 1 280px; min-width: 0; }
@@ -76,9 +79,13 @@ _NOTES = {
     "hessian_matrix": "Every entry of the Hessian, parameters in layout order (tensor by tensor).",
     "density": "The density of eigenvalues estimated by stochastic Lanczos quadrature, smoothed by a Gaussian.",
     "trace": "The sum of all eigenvalues, estimated from products with random vectors (XTrace).",
-    "condition": "The ratio of the largest to the smallest eigenvalue magnitude.",
-    "rank": "How many eigenvalues exceed the numerical threshold (largest magnitude times size times "
-            "machine epsilon, unless stated).",
+    "condition": "The ratio of the largest to the smallest eigenvalue magnitude, with what it rests on: a "
+                 "converged eigensolve, a lower bound from one that stopped early, or all eigenvalues. An "
+                 "operator with eigenvalues below the numerical rank cutoff is singular to working precision.",
+    "rank": "How many eigenvalues exceed the cutoff (largest magnitude times size times machine epsilon, unless "
+            "stated), with the eigenvalues just above and below it. The count is a fact only when the cutoff "
+            "falls in a clear gap; where the spectrum decays smoothly through it, the rank is not well defined "
+            "at this precision.",
     "stationary": "The gradient norm decides whether this is a stationary point; the signs of the extremal "
                   "Hessian eigenvalues decide its kind.",
     "ntk": "The empirical neural tangent kernel of a subset of the inputs: the Gram matrix of the output "
@@ -192,16 +199,26 @@ def _trace(s: dict, summary: dict) -> str:
 
 
 def _condition(s: dict, summary: dict) -> str:
-    rows = [[name, fmt(d["value"]), fmt(d["largest"]), fmt(d["smallest"]), fmt(d["kind"]), fmt(d["num_matvecs"]),
-             fmt(d["converged"])] for name, d in (("GGN", s["ggn"]), ("Hessian", s["hessian"]))]
-    return _table(["matrix", "condition number", "largest", "smallest", "formula", "products", "converged"],
-                  rows, {1, 2, 3, 5})
+    rows = [[name, fmt(d["display"]), fmt(d["status"]), fmt(d["largest"]), fmt(d["smallest"]), fmt(d["kind"]),
+             fmt(d["num_matvecs"]), fmt(d["converged"])] for name, d in (("GGN", s["ggn"]), ("Hessian", s["hessian"]))]
+    notes = "".join(f'<p class="caveat"><b>{name}:</b> {fmt(d["note"])}</p>'
+                    for name, d in (("GGN", s["ggn"]), ("Hessian", s["hessian"])))
+    return _table(["matrix", "condition number", "status", "largest (eigensolver)", "smallest (eigensolver)",
+                   "formula", "products", "converged"], rows, {1, 3, 4, 6}) + notes
 
 
 def _rank(s: dict, summary: dict) -> str:
-    rows = [[name, ("at least " if d["lower_bound"] else "") + fmt(d["value"]), fmt(d["size"]), fmt(d["tol"]),
+    def sym(d, k):
+        return f'{fmt(d["symbol"])}<sub>{fmt(k)}</sub>'
+
+    rows = [[name, fmt(d["display"]), fmt(d["status"]), fmt(d["tol"]), fmt(d["tol_rule"]),
+             (f'{sym(d, d["value"])} = {fmt(d["above"])}' if d["value"] > 0 else "—"),
+             (f'{sym(d, d["value"] + 1)} = {fmt(d["below"])}' if d["below"] not in ("nan", None) else "—"),
              fmt(d["method"]), fmt(d["num_matvecs"])] for name, d in (("GGN", s["ggn"]), ("Hessian", s["hessian"]))]
-    return _table(["matrix", "rank", "size", "threshold", "method", "products"], rows, {1, 2, 3, 5})
+    notes = "".join(f'<p class="caveat"><b>{name}:</b> {fmt(d["note"])}</p>'
+                    for name, d in (("GGN", s["ggn"]), ("Hessian", s["hessian"])))
+    return _table(["matrix", "rank", "status", "cutoff", "cutoff rule", "just above", "just below", "method",
+                   "products"], rows, {3, 5, 6, 8}) + notes
 
 
 def _stationary(s: dict, summary: dict) -> str:
@@ -305,8 +322,11 @@ def _section(name: str, s: dict, summary: dict) -> str:
     note = f'<p class="note">{_NOTES.get(name, "")}</p>'
     if status != "ok":
         cls = "error" if status == "error" else ""
-        return (f'<section id="{name}">{head}{note}<div class="box {cls}">This section is {status}: '
-                f'{fmt(s.get("message"))}</div></section>')
+        said = "failed" if status == "error" else f"{status}"
+        trace = (f'<details><summary>traceback</summary><pre>{fmt(s["traceback"])}</pre></details>'
+                 if s.get("traceback") else "")
+        return (f'<section id="{name}">{head}{note}<div class="box {cls}">This section {"is " * (status != "error")}'
+                f'{said}: {fmt(s.get("message"))}{trace}</div></section>')
     body = _RENDER.get(name, _generic)(s, summary)
     return f'<section id="{name}">{head}{note}{body}</section>'
 
@@ -326,17 +346,34 @@ def _cards(summary: dict) -> str:
     if "trace" in ok:
         items.append(("Hessian trace", ok["trace"]["hessian"]["value"]))
     if "condition" in ok:
-        items.append(("GGN condition number", ok["condition"]["ggn"]["value"]))
+        c = ok["condition"]["ggn"]
+        items.append(("GGN condition number", _Raw(fmt(c["display"])), c["status"]))
     if "rank" in ok:
         r = ok["rank"]["ggn"]
-        items.append(("GGN rank", _Raw(("≥ " if r["lower_bound"] else "") + fmt(r["value"]))))
+        items.append(("GGN rank", _Raw(fmt(r["display"]) if r["well_defined"] or r["lower_bound"] else "—"),
+                      r["status"]))
     if "stationary" in ok:
         items.append(("point", _Raw(fmt(ok["stationary"]["kind"]).replace("_", " "))))
     if "ntk" in ok:
         items.append(("largest NTK eigenvalue", ok["ntk"]["largest"]))
-    cards = "".join(f'<div class="card"><div class="label">{k}</div>'
-                    f'<div class="value">{v if isinstance(v, _Raw) else fmt(v)}</div></div>' for k, v in items)
+    cards = "".join(f'<div class="card"><div class="label">{item[0]}</div>'
+                    f'<div class="value">{item[1] if isinstance(item[1], _Raw) else fmt(item[1])}</div>'
+                    + (f'<div class="label">{fmt(item[2])}</div>' if len(item) > 2 else "") + "</div>"
+                    for item in items)
     return f'<div class="cards">{cards}</div>'
+
+
+def _warnings(summary: dict) -> str:
+    """The warnings of the summary (untrained weights, failed sections, undrawn figures), at the top of the page."""
+    items = summary.get("warnings") or []
+    if not items:
+        return ""
+    failed = summary.get("failed_sections") or []
+    cls = "box error" if failed else "box"
+    links = "".join(f' <a href="#{html.escape(n, quote=True)}">{_TITLES.get(n, html.escape(n))}</a>' for n in failed)
+    rows = "".join(f"<li>{fmt(w)}</li>" for w in items)
+    return (f'<div class="{cls}" id="warnings"><b>Read this first.</b><ul>{rows}</ul>'
+            + (f"<p>Failed sections:{links}</p>" if failed else "") + "</div>")
 
 
 def _settings(summary: dict) -> str:
@@ -367,7 +404,7 @@ def render_html(summary: dict) -> str:
         f"<p>curvops {fmt(env.get('curvops_version'))} · torch {fmt(env.get('torch_version'))} · "
         f"{fmt(env.get('device'))} · {fmt(env.get('dtype'))} · seed {fmt(st.get('seed'))}"
         f"{' · quick' if st.get('quick') else ''} · {fmt(total)} s</p></header>"
-        f"<main><nav>{nav}</nav>{_cards(summary)}{body}{_settings(summary)}</main>"
+        f"<main><nav>{nav}</nav>{_warnings(summary)}{_cards(summary)}{body}{_settings(summary)}</main>"
         "<footer>Generated by curvops report. Every number on this page is in summary.json.</footer>"
         "</body></html>\n"
     )

@@ -51,6 +51,7 @@ class Problem:
         params: selected parameter names (``None``: all trainable).
         batch_size: batch size for ``(X, y)`` data (``None``: one batch).
         source: how the problem was specified (recorded in the report).
+        warnings: sentences the report shows at its top (e.g. no checkpoint: untrained weights).
     """
 
     model: nn.Module
@@ -59,6 +60,7 @@ class Problem:
     params: list[str] | None = None
     batch_size: int | None = None
     source: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
 
 
 # ---- specs and imports -------------------------------------------------------------------------
@@ -426,4 +428,16 @@ def load_problem(*, model: str, data: str, loss: str, checkpoint: str | None = N
                              f"The model has {_listed(names)}.")
     check_compatible(net, loss, dataset, params=params, batch_size=batch_size)
     source = {"model": model, "checkpoint": checkpoint, "data": data, "loss": loss}
-    return Problem(model=net, loss=loss, data=dataset, params=params, batch_size=batch_size, source=source)
+    warnings = []
+    if checkpoint is None:
+        source["weights"] = "as the factory returns them (no --checkpoint)"
+        warnings.append(untrained_warning(model))
+    return Problem(model=net, loss=loss, data=dataset, params=params, batch_size=batch_size, source=source,
+                   warnings=warnings)
+
+
+def untrained_warning(model: str) -> str:
+    """The report's top warning when ``--model`` comes without ``--checkpoint``."""
+    return (f"No --checkpoint: this report is on the weights that {model} returns, which are random initial "
+            f"(untrained) weights unless the factory loads trained ones. Curvature at initialization says little "
+            f"about a trained model: pass --checkpoint FILE to measure trained weights.")
