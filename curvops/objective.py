@@ -191,6 +191,10 @@ class Objective:
         self.dtype = values[0].dtype
         self.device = values[0].device
         for n, v in self._values.items():
+            if v.is_meta:
+                raise ValueError(f"Objective: parameter {n!r} is on the meta device (a shape without values); "
+                                 f"expected a materialized model. Load its weights first (e.g. "
+                                 f"model.to_empty(device=...) and load_state_dict).")
             if not v.is_floating_point():
                 raise TypeError(f"Objective: parameter {n!r} has dtype {v.dtype}; expected a floating dtype.")
             if v.dtype != self.dtype or v.device != self.device:
@@ -237,6 +241,21 @@ class Objective:
         self._values = values
         self._constants = {n: p.detach() for n, p in named.items() if n not in values}
         self._buffers = buffers
+        self._check_finite()
+
+    def _check_finite(self) -> None:
+        """Every floating tensor the forward reads is finite (O(P), one host sync)."""
+        items = [(n, t) for n, t in (*self._values.items(), *self._constants.items(), *self._buffers.items())
+                 if t.is_floating_point() and not t.is_meta and t.numel()]
+        if not items:
+            return
+        flags = torch.stack([torch.isfinite(t).all().to(items[0][1].device) for _, t in items])
+        if not bool(flags.all()):
+            bad = [n for (n, _), ok in zip(items, flags.tolist()) if not ok]
+            kind = "buffer" if bad[0] in self._buffers else "parameter"
+            more = f" (and {len(bad) - 1} more: {bad[1:6]})" if len(bad) > 1 else ""
+            raise ValueError(f"Objective: {kind} {bad[0]!r} contains NaN or Inf{more}; fix the model before "
+                             f"measuring curvature.")
 
     def _state_tensors(self) -> list[Tensor]:
         if self._depth == 0:
@@ -388,6 +407,9 @@ class Objective:
             x, y = self._split(batch, index)
             n = leading_dim(x, y)
             for t in tree_leaves(x) + tree_leaves(y):
+                if t.is_meta:
+                    raise ValueError(f"Objective: batch {index} holds a meta tensor (a shape without data); "
+                                     f"expected real data. Load or materialize the data first.")
                 if t.dim() > 0 and t.shape[0] != n:
                     raise ValueError(
                         f"Objective: batch {index} has tensors with different numbers of samples "
@@ -395,12 +417,14 @@ class Objective:
                     )
                 if check and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     raise ValueError(f"Objective: batch {index} contains NaN or Inf values.")
+            if n == 0:
+                continue  # an empty batch adds nothing to any sum over samples
             x = tree_map(lambda t: self._to_device(t, index), x)
             y = tree_map(lambda t: self._to_device(t, index), y)
             count += 1
             yield Batch(x, y, n, index)
         if count == 0:
-            raise ValueError("Objective: the data produced no batches.")
+            raise ValueError("Objective: the data produced no batches with samples in them (every batch is empty).")
         self._validated = True
 
     def _split(self, batch, index: int):
