@@ -496,7 +496,7 @@ def _user_args(name, ckpt, out, *extra, model="make_model", data="load_data", lo
     return args + list(extra)
 
 
-def test_user_model_report_uses_the_checkpoint(user, tmp_path):
+def test_user_model_report_uses_the_checkpoint(user, tmp_path, capsys):
     name, ckpt, ref = user
     out = tmp_path / "user"
     assert main(_user_args(name, ckpt, out, "--top-k", "4")) == 0
@@ -512,6 +512,7 @@ def test_user_model_report_uses_the_checkpoint(user, tmp_path):
     np.testing.assert_allclose(summary["sections"]["eigenvalues"]["hessian_top"]["eigenvalues"], exact.numpy(),
                                rtol=1e-5)
     assert summary["source"]["checkpoint"] == str(ckpt)
+    assert summary["warnings"] == [] and "WARNING" not in capsys.readouterr().out  # trained weights: no warning
     check_report_html(out, summary)
 
 
@@ -532,6 +533,43 @@ def test_user_model_dataloader_params_float32_and_wrapped_checkpoint(user, tmp_p
     exact = torch.linalg.eigvalsh(H.to_dense()).flip(0)[:5]
     np.testing.assert_allclose(summary["sections"]["eigenvalues"]["hessian_top"]["eigenvalues"], exact.numpy(),
                                rtol=1e-4)
+
+
+def test_user_float32_model_with_bootstrap_and_no_checkpoint_has_every_section(user, tmp_path, capsys):
+    """Issue 10: `--model` on a float32 model with the active-subspace bootstrap (crashed in torch.quantile, and
+    the section went missing); without --checkpoint the report says it is on the factory's initial weights."""
+    import importlib
+
+    name, ckpt, ref = user
+    out = tmp_path / "user32"
+    assert main(_user_args(name, None, out, "--dtype", "float32")) == 0
+    console = capsys.readouterr().out.splitlines()
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["sections"]) == list(SECTIONS)
+    assert {k: v["status"] for k, v in summary["sections"].items()} == {k: "ok" for k in SECTIONS}
+    assert summary["environment"]["dtype"] == "float32" and summary["failed_sections"] == []
+    # the bootstrap bands equal those of the same (initial) weights in float64, to float32 accuracy
+    a = summary["sections"]["active_subspace"]
+    assert a["bootstrap"] == summary["settings"]["budgets"]["subspace_bootstrap"] == 20
+    model64 = importlib.import_module(name).make_model()
+    X = torch.randn(40, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    y = (X[:, 0] > 0).long() + 2 * (X[:, 1] > 0).long()
+    from curvops.analysis import active_subspace
+
+    res = active_subspace(model64, "cross_entropy", (X, y), bootstrap=20, generator=gen(0))
+    for key, attr in (("eigenvalues", "eigenvalues"), ("eigenvalue_lower", "eigenvalue_lower"),
+                      ("eigenvalue_upper", "eigenvalue_upper")):
+        np.testing.assert_allclose(a[key][:3], getattr(res, attr)[:3].numpy(), rtol=1e-4)
+    assert all(lo <= v <= hi for lo, v, hi in zip(a["eigenvalue_lower"][:3], a["eigenvalues"][:3],
+                                                  a["eigenvalue_upper"][:3]))
+    # untrained weights: said at the top of the console, the page and the summary
+    warning = summary["warnings"][0]
+    assert warning.startswith(f"No --checkpoint: this report is on the weights that {name}:make_model returns")
+    assert console[1] == f"  WARNING: {warning}"
+    page = (out / "index.html").read_text()
+    assert page.index(htmllib.escape(warning, quote=False)) < page.index('class="cards"')
+    assert summary["source"]["checkpoint"] is None and "no --checkpoint" in summary["source"]["weights"]
+    check_report_html(out, summary)
 
 
 def test_load_problem_leaves_a_given_checkpoint_and_loads_it(user):

@@ -850,7 +850,8 @@ def active_subspace(model_or_objective, loss=None, data=None, *, g: str | Callab
     counts as weights), each decomposed the same way (Krylov warm-started from the estimate); the
     percentile intervals at ``confidence`` of every eigenvalue and of the subspace distance
     between the estimate's leading r eigenvectors and each replicate's, r = 1 … min(k, 100)
-    (Constantine 2015, §3.3).
+    (Constantine 2015, §3.3).  The B resamples are drawn before any replicate is decomposed, so
+    a float32 and a float64 model given the same generator resample the same way.
 
     **Cost**: snapshot: one gradient pass (≈ N per-sample gradients) + the decomposition: a thin
     SVD O(N·P·min(N, P)), an eigendecomposition O(P³) after O(N·P²) to accumulate C, or a few
@@ -955,8 +956,11 @@ def _bootstrap(factor, algorithm: str, k, lam: Tensor, W: Tensor, B: int, confid
     kk = lam.shape[0]
     d = min(kk, MAX_DISTANCE_DIMS)
     lams, dists = [], []
-    for _ in range(B):
-        idx = torch.randint(0, N, (N,), generator=gen)
+    # every resample drawn before any decomposition: the resamples do not depend on how many random
+    # numbers a decomposition takes (rank-deficient replicates complete their bases at random, and
+    # how many directions that takes depends on the dtype's rounding)
+    draws = torch.randint(0, N, (B, N), generator=gen)
+    for idx in draws:
         counts = torch.bincount(idx, minlength=N).to(dtype=lam.dtype, device=lam.device)
         rep = factor.reweight(counts)
         dec = _decompose(rep, algorithm, k, tol=tol, generator=gen, vectors=True, v0=W)
