@@ -88,10 +88,14 @@ def test_rank_states_its_cutoff_and_the_gap_around_it():
     assert res.value == 15 and res.complete and res.status == "well defined" and res.well_defined
     assert res.tol == pytest.approx(2.0 * 60 * eps, rel=1e-10)
     assert res.above == pytest.approx(1e-9, rel=1e-5) and abs(res.below) < 1e-14  # λ15 and λ16 (a rounding zero)
-    assert res.symbol == "λ" and "λ₁·max(M, N)·ε = 2 · 60 · 2.22e-16" in res.tol_rule
+    assert res.symbol == "λ" and "λ₁·n·ε = 2 · 60 · 2.22e-16" in res.tol_rule
     assert "rank 15 of 60" in res.explain() and "clear gap" in res.explain()
     full = rank(curvops.Dense(rotated(torch.linspace(1, 2, 30, dtype=DT)), tags=("symmetric",)))
     assert full.value == 30 and full.well_defined and math.isnan(full.below) and full.above == pytest.approx(1.0)
+    assert full.symbol == "|λ|" and full.tol_rule == f"max|λ|·n·ε = 2 · 30 · {torch.finfo(DT).eps:.3g}"
+    rect = rank(low_rank(40, 30, 5), k_max=40)  # untagged: singular values, dense
+    assert rect.symbol == "σ" and rect.tol_rule.startswith("σ₁·max(M, N)·ε = ") and rect.value == 5
+    assert rect.well_defined and rect.below < 1e-9 * rect.above
 
 
 def test_rank_inside_a_smooth_run_is_not_well_defined_float32():

@@ -48,7 +48,7 @@ class RankResult:
         method: how they were computed.
         num_matvecs: products with A (a product with Aᵀ counts as one).
         converged: whether the eigensolver met its tolerance (always True when dense).
-        tol_rule: how ``tol`` was chosen, with its numbers (e.g. ``"λ₁·n·ε = 0.24 · 371 · 2.2e-16"``).
+        tol_rule: how ``tol`` was chosen, with its numbers (e.g. ``"λ₁·n·ε = 0.2402 · 371 · 2.22e-16"``).
         above: the smallest counted value (``values[value − 1]``); NaN when the rank is 0.
         below: the largest value not counted (``values[value]``); NaN when none was computed
             (full rank, or a lower bound).
@@ -287,7 +287,8 @@ def rank(A, tol: float | None = None, *, k_max: int = 100, block_size: int = 4, 
     top = float(mags[0]) if mags.numel() else 0.0
     if tol is None:
         tol = top * max(M, N) * eps
-        rule = f"{symbol}₁·max(M, N)·ε = {top:.4g} · {max(M, N)} · {eps:.3g}"
+        head = {"λ": "λ₁", "|λ|": "max|λ|", "σ": "σ₁"}[symbol]
+        rule = f"{head}·{'n' if M == N else 'max(M, N)'}·ε = {top:.4g} · {max(M, N)} · {eps:.3g}"
     else:
         rule = "given"
     if floor > float(tol):
