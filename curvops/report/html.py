@@ -244,7 +244,7 @@ def _ntk(s: dict, summary: dict) -> str:
 def _active_subspace(s: dict, summary: dict) -> str:
     pairs = [("samples", s["num_samples"]), ("parameters", s["num_params"]),
              ("samples per parameter", s["samples_per_param"]), ("eigenpairs", s["k"]),
-             ("algorithm", s["algorithm"]), ("trace", s["trace"]),
+             ("algorithm", s["algorithm"]), ("converged", s["converged"]), ("trace", s["trace"]),
              (_Raw(f"share of the top {fmt(s['top_k'])} in the trace"), s["top_k_share"]),
              ("largest ratio of consecutive eigenvalues (top directions), after direction", s["largest_gap_after"]),
              ("that ratio", s["largest_gap_ratio"]), ("bootstrap replicates", s["bootstrap"])]
