@@ -166,11 +166,11 @@ def _run(args, sections) -> int:
 
 def _print_summary(summary: dict, outdir: str, seconds: float) -> None:
     """The console summary: warnings first, then the headline figures, each with its status."""
-    for line in summary_lines(summary, outdir, seconds):
+    for line in _summary_lines(summary, outdir, seconds):
         print(line)
 
 
-def summary_lines(summary: dict, outdir: str, seconds: float) -> list[str]:
+def _summary_lines(summary: dict, outdir: str, seconds: float) -> list[str]:
     """The lines :func:`_print_summary` prints (every figure with its caveat, as in the HTML)."""
     from .report.html import fmt
 

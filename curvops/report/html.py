@@ -26,6 +26,7 @@ nav { font-size: 13px; margin: 8px 0 16px; display: flex; flex-wrap: wrap; row-g
 nav a { color: var(--accent); margin-right: 12px; text-decoration: none; white-space: nowrap; }
 section { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 16px 22px;
           margin: 16px 0; }
+section { overflow-x: auto; }
 section h2 { margin: 0 0 6px; font-size: 19px; }
 section h3 { margin: 14px 0 6px; font-size: 15px; }
 p.note { color: var(--muted); margin: 4px 0 10px; font-size: 14px; }
