@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pathlib
 import runpy
 
@@ -220,3 +221,274 @@ def test_on_gpu():
     K = NTKKernel(net)(X).to_dense()
     assert K.device.type == "cuda"
     torch.testing.assert_close(K, _oracle_ntk(net, X, X), rtol=1e-10, atol=1e-12)
+
+
+# ---- every curvature operator through the bridge, in every autograd context (issue 10) ------
+# GPyTorch multiplies inside ``autograd.Function.forward`` (Matmul, Solve, InvQuadLogdet,
+# PivotedCholesky), where grad mode is off: the wrapper must give the operator's own matrix
+# there, under ``no_grad`` and under ``inference_mode`` (contract rule 8), to 1e-10 relative.
+RTOL_PRODUCT = 1e-10
+RTOL_SOLVE = 1e-8
+
+
+def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach(), expected.detach()
+    return float((actual - expected).norm() / expected.norm())
+
+
+def _classifier():
+    """A 3-5-3 tanh MLP (P = 38) with cross-entropy on 6 samples: every curvature is nonzero and
+    the PSD ones have rank ≤ 12 < P (so a noise/damping term makes them definite)."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(DT)
+    with torch.no_grad():
+        for i, p in enumerate(net.parameters()):
+            p.copy_(torch.randn(p.shape, generator=gen(20 + i), dtype=DT))
+    X = torch.randn(6, 3, generator=gen(30), dtype=DT)
+    y = torch.randint(0, 3, (6,), generator=gen(31))
+    return net, X, y
+
+
+def _jacobian_gram(net, X, y):
+    J = curvops.Jacobian(net, X)
+    return J.T @ J
+
+
+CURVATURE = {  # name: (builder(net, X, y), kind)
+    "Hessian": (lambda net, X, y: curvops.Hessian(net, "cross_entropy", (X, y)), "symmetric"),
+    "GGN": (lambda net, X, y: curvops.GGN(net, "cross_entropy", (X, y)), "psd"),
+    "Fisher": (lambda net, X, y: curvops.Fisher(net, "cross_entropy", (X, y)), "psd"),
+    "Fisher-mc": (lambda net, X, y: curvops.Fisher(net, "cross_entropy", (X, y), mc_samples=3, seed=1), "psd"),
+    "EmpiricalFisher": (lambda net, X, y: curvops.EmpiricalFisher(net, "cross_entropy", (X, y)), "psd"),
+    "GradientCovariance": (lambda net, X, y: curvops.GradientCovariance(net, "cross_entropy", (X, y), center=True),
+                           "psd"),
+    "NTK": (lambda net, X, y: curvops.NTK(net, X), "psd"),
+    "JtJ": (_jacobian_gram, "psd"),
+    "Jacobian": (lambda net, X, y: curvops.Jacobian(net, X), "rectangular"),
+    "CrossHessian": (lambda net, X, y: curvops.CrossHessian(net, "cross_entropy", (X, y), rows=net[0], cols=net[2]),
+                     "rectangular"),
+    "ActivationHessian": (lambda net, X, y: curvops.ActivationHessian(net, "cross_entropy", (X, y), layer="1"),
+                          "symmetric"),
+    "OutputHessian": (lambda net, X, y: curvops.OutputHessian(net, X, torch.randn(6, 3, generator=gen(32), dtype=DT)),
+                      "symmetric"),
+    "HessianResidual": (lambda net, X, y: curvops.HessianResidual(net, "cross_entropy", (X, y)), "symmetric"),
+}
+PSD_OPS = [name for name, (_, kind) in CURVATURE.items() if kind == "psd"]
+
+
+def _build(name: str):
+    net, X, y = _classifier()
+    return CURVATURE[name][0](net, X, y), net
+
+
+class _InForward(torch.autograd.Function):
+    """Calls ``fn()`` inside ``Function.forward``, where autograd records nothing (as GPyTorch's do)."""
+
+    @staticmethod
+    def forward(ctx, fn, anchor):
+        assert not torch.is_grad_enabled()
+        return fn()
+
+    @staticmethod
+    def backward(ctx, grad):  # pragma: no cover - never differentiated
+        return None, None
+
+
+def _in_contexts(product, V: torch.Tensor) -> dict:
+    """``product(V)`` plainly, under no_grad, under inference_mode (V an inference tensor) and inside
+    an ``autograd.Function.forward`` whose input requires grad."""
+    out = {"plain": product(V)}
+    with torch.no_grad():
+        out["no_grad"] = product(V)
+    with torch.inference_mode():
+        Vi = V.clone()
+        assert Vi.is_inference()
+        out["inference_mode"] = product(Vi)
+    out["Function.forward"] = _InForward.apply(lambda: product(V), torch.zeros(1, dtype=DT, requires_grad=True))
+    return out
+
+
+@pytest.mark.parametrize("name", list(CURVATURE))
+def test_bridge_products_equal_the_operator_in_every_autograd_context(name):
+    A, _ = _build(name)
+    L = to_linear_operator(A)
+    assert L.shape == A.shape and L.dtype == DT
+    V = torch.randn(A.shape[1], 3, generator=gen(40), dtype=DT)
+    W = torch.randn(A.shape[0], 2, generator=gen(41), dtype=DT)
+    ref, ref_t = A @ V, A.T @ W  # the operator itself, plain context
+    assert float(ref.norm()) > 0 and float(ref_t.norm()) > 0
+    cases = {**{f"L @ V ({c})": (r, ref) for c, r in _in_contexts(lambda M: L @ M, V).items()},
+             **{f"L.mT @ W ({c})": (r, ref_t) for c, r in _in_contexts(lambda M: L.mT @ M, W).items()},
+             "L.matmul(v)": (L.matmul(V[:, 0]), ref[:, 0]),
+             "L._matmul(V) in Function.forward": (
+                 _InForward.apply(lambda: L._matmul(V), torch.zeros(1, dtype=DT, requires_grad=True)), ref)}
+    if A.shape[0] != A.shape[1]:  # GPyTorch's own composite of a rectangular wrapper
+        cases["(L.mT @ L) @ V"] = ((L.mT @ L) @ V, A.T @ (A @ V))
+    errors = {what: _rel(got, want) for what, (got, want) in cases.items()}
+    assert max(errors.values()) <= RTOL_PRODUCT, errors
+
+
+# GPyTorch's iterative path, set up so that it is exact to rounding on a kernel of rank r < n
+# plus a diagonal (K + δI): no Cholesky (max_cholesky_size 0); a pivoted-Cholesky preconditioner
+# P = LLᵀ + δI of rank up to n, run until its relative trace error is below 1e-13, so that P = K + δI
+# to rounding (its rows come from products with unit vectors inside PivotedCholesky.forward);
+# preconditioned CG to a relative residual of 1e-10 (at most 100 iterations, products inside
+# Solve/InvQuadLogdet.forward); log det = log det P (exact, by QR) + SLQ on P⁻¹(K + δI) ≈ I
+# (8 probes × 10 Lanczos steps, whose error is then rounding, not the usual SLQ percent).
+def _iterative(n: int) -> tuple:
+    s = gpytorch.settings
+    return (s.max_cholesky_size(0), s.max_preconditioner_size(n), s.min_preconditioning_size(1),
+            s.preconditioner_tolerance(1e-13), s.cg_tolerance(1e-10), s.max_cg_iterations(100),
+            s.num_trace_samples(8), s.max_lanczos_quadrature_iterations(10), s.skip_posterior_variances(True),
+            gpytorch.settings.max_eager_kernel_size(0))  # predictions too: no dense test×train block
+
+
+class _Recorder:
+    """Records the grad mode of every bridge product and refuses densification (so a test shows
+    GPyTorch took its iterative path, multiplying inside its autograd Functions)."""
+
+    def __init__(self, monkeypatch):
+        self.grad_modes: list[bool] = []
+        matmul = CurvopsLinearOperator._matmul
+
+        def recording(lo, rhs):
+            self.grad_modes.append(torch.is_grad_enabled())
+            return matmul(lo, rhs)
+
+        def refuse(lo):
+            raise AssertionError("GPyTorch densified the operator: the iterative path was not taken")
+
+        monkeypatch.setattr(CurvopsLinearOperator, "_matmul", recording)
+        monkeypatch.setattr(CurvopsLinearOperator, "to_dense", refuse)
+
+    def check(self, at_least: int) -> None:
+        assert len(self.grad_modes) >= at_least
+        assert self.grad_modes.count(False) >= at_least, "products were expected inside autograd Functions"
+
+
+def _run_iterative(n: int, fn):
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        for setting in _iterative(n):
+            stack.enter_context(setting)
+        return fn()
+
+
+@pytest.mark.parametrize("name", PSD_OPS)
+def test_gpytorch_solve_logdet_and_log_prob_on_every_psd_curvature_equal_dense(name, monkeypatch):
+    # GGN + δI etc. as the covariance of a linear-Gaussian model over parameters (or, for the NTK,
+    # over outputs): GPyTorch's CG solve, inv_quad_logdet and MultivariateNormal.log_prob.
+    A, _ = _build(name)
+    D = A.to_dense()  # the dense answer, from products in the plain context
+    n = D.shape[0]
+    delta = 0.1 * float(D.diagonal().mean())
+    C = D + delta * torch.eye(n, dtype=DT)
+    b = torch.randn(n, 2, generator=gen(42), dtype=DT)
+    theta = torch.randn(n, generator=gen(43), dtype=DT)
+    L = to_linear_operator(A).add_diagonal(torch.tensor(delta, dtype=DT))
+    rec = _Recorder(monkeypatch)
+
+    def gpytorch_side():
+        x = L.solve(b)
+        iq, ld = L.inv_quad_logdet(b, logdet=True)
+        lp = gpytorch.distributions.MultivariateNormal(torch.zeros(n, dtype=DT), L).log_prob(theta)
+        return x, iq, ld, lp
+
+    x, iq, ld, lp = _run_iterative(n, gpytorch_side)
+    rec.check(at_least=10)
+    want_lp = torch.distributions.MultivariateNormal(torch.zeros(n, dtype=DT), covariance_matrix=C).log_prob(theta)
+    errors = {"solve": _rel(x, torch.linalg.solve(C, b)),
+              "inv_quad": _rel(iq, (b * torch.linalg.solve(C, b)).sum()),
+              "logdet": _rel(ld, torch.logdet(C)),
+              "log_prob": _rel(lp, want_lp)}
+    assert max(errors.values()) <= RTOL_SOLVE, errors
+
+
+def test_gpytorch_plain_cg_on_a_curvature_does_what_it_does_on_the_dense_matrix():
+    # Unpreconditioned CG and SLQ (GPyTorch's defaults for small n): with the same probes, the
+    # wrapper gives what GPyTorch gives on a DenseLinearOperator of the same matrix.
+    A, _ = _build("GGN")
+    D = A.to_dense() + 0.5 * torch.eye(A.shape[0], dtype=DT)
+    b = torch.randn(A.shape[0], 1, generator=gen(44), dtype=DT)
+    s = gpytorch.settings
+    results = []
+    for L in (to_linear_operator(A).add_diagonal(torch.tensor(0.5, dtype=DT)), DenseLinearOperator(D)):
+        torch.manual_seed(12)
+        with s.max_cholesky_size(0), s.max_preconditioner_size(0), s.cg_tolerance(1e-10), \
+                s.num_trace_samples(4), s.max_lanczos_quadrature_iterations(10), s.max_cg_iterations(60):
+            results.append((L.solve(b), *L.inv_quad_logdet(b, logdet=True)))
+    for ours, ref in zip(*results):
+        assert _rel(ours, ref) <= 1e-9
+    # and near the exact answer at the accuracy GPyTorch's linear_cg reaches (see the module caveats)
+    assert _rel(results[0][0], torch.linalg.solve(D, b)) <= 1e-4
+
+
+# ---- a GP regression with the NTK kernel, solved by GPyTorch's iterative path ---------------------
+def test_ntk_gp_regression_through_gpytorch_equals_dense_solve(monkeypatch):
+    # 30 training points, a 2-6-1 tanh net (P = 25 < 30: the NTK has rank 25, as in an NTK-GP),
+    # noise σ² = 0.3 · mean diag K.  Posterior mean K_*X (K + σ²I)⁻¹ y and the log marginal
+    # likelihood −½(yᵀ(K + σ²I)⁻¹y + log det(K + σ²I) + n log 2π)/n against torch.linalg.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1)).to(DT)
+    n = 30
+    X = torch.randn(n, 2, generator=gen(50), dtype=DT)
+    y = torch.sin(X.sum(1)) + 0.1 * torch.randn(n, generator=gen(51), dtype=DT)
+    Xs = torch.randn(10, 2, generator=gen(52), dtype=DT)
+    K, Ks = _oracle_ntk(net, X, X), _oracle_ntk(net, Xs, X)
+    noise = 0.3 * float(K.diagonal().mean())
+    C = K + noise * torch.eye(n, dtype=DT)
+    mean_ref = Ks @ torch.linalg.solve(C, y)
+    mll_ref = -0.5 * (y @ torch.linalg.solve(C, y) + torch.logdet(C) + n * math.log(2 * math.pi)) / n
+
+    class NTKGP(gpytorch.models.ExactGP):
+        def __init__(self, likelihood):
+            super().__init__(X, y, likelihood)
+            self.mean_module = gpytorch.means.ZeroMean()
+            self.covar_module = NTKKernel(net)
+
+        def forward(self, x):
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+    likelihood = gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise=torch.full((n,), noise, dtype=DT))
+    gp = NTKGP(likelihood).to(DT)
+    rec = _Recorder(monkeypatch)
+
+    def gpytorch_side():
+        gp.train(), likelihood.train()
+        mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, gp)(gp(X), y)
+        gp.eval(), likelihood.eval()
+        return mll, likelihood(gp(Xs)).mean
+
+    mll, mean = _run_iterative(n, gpytorch_side)
+    rec.check(at_least=10)
+    assert _rel(mean, mean_ref) <= RTOL_SOLVE
+    assert _rel(mll, mll_ref) <= RTOL_SOLVE
+
+
+# ---- the wrapper follows the model: GPyTorch's memo is keyed on the parameters ------------------
+def test_bridge_caches_follow_the_model():
+    A, net = _build("GGN")
+    L = to_linear_operator(A)
+    V = torch.randn(A.shape[1], 2, generator=gen(45), dtype=DT)
+    first = L.to_dense()
+    assert L.to_dense() is first  # unchanged model: GPyTorch's memo is used
+    root = L.root_decomposition().root.to_dense()
+    changes = {
+        "in-place update": lambda: net[0].weight.data.mul_(1.3),
+        "reassigned .data": lambda: setattr(net[0].bias, "data", net[0].bias.data + 0.5),
+        "load_state_dict": lambda: net.load_state_dict(
+            {k: v + 0.1 * torch.ones_like(v) for k, v in net.state_dict().items()}),
+        "vector_to_parameters": lambda: torch.nn.utils.vector_to_parameters(
+            torch.nn.utils.parameters_to_vector(net.parameters()).detach() * 0.9, net.parameters()),
+    }
+    for what, change in changes.items():
+        with torch.no_grad():
+            change()
+        D = A.to_dense()
+        assert _rel(D, first) > 1e-3, what  # the matrix did change
+        assert _rel(L.to_dense(), D) <= RTOL_PRODUCT, what
+        assert _rel(L @ V, D @ V) <= RTOL_PRODUCT, what
+        R = L.root_decomposition().root.to_dense()
+        assert _rel(R @ R.mT, D) <= 1e-6, what  # a Cholesky of the singular GGN, with GPyTorch's 1e-8 jitter
+        assert R.shape != root.shape or not torch.equal(R, root), what
+        root, first = R, D

@@ -17,7 +17,25 @@ Caveats (linear_operator 0.6, gpytorch 1.15):
   (tolerance 1 and at most 1000 iterations by default) and SLQ with 10 probes × 20 steps.
 * GPyTorch's ``linear_cg`` stalls near a relative residual of 1e-5 even in float64 (seen on
   a 40×40 SPD matrix with condition number 8, for a dense operator as for ours, whatever
-  ``cg_tolerance``): for tight solves use :func:`curvops.linalg.solve.solve`.
+  ``cg_tolerance``): it zeroes a step when ``pᵀAp`` or ``rᵀr`` (for a right-hand side scaled
+  to norm 1) falls below an absolute ``eps = 1e-10``.  For tight solves use
+  :func:`curvops.linalg.solve.solve`, or, for a low-rank curvature plus a diagonal
+  (``to_linear_operator(A).add_diagonal(δ)``, a GP's ``K + σ²I``), GPyTorch's pivoted-Cholesky
+  preconditioner with enough rank: ``max_preconditioner_size(n)``,
+  ``min_preconditioning_size(1)``, ``preconditioner_tolerance(1e-13)`` make the preconditioner
+  the matrix itself to rounding, so CG, ``inv_quad_logdet`` (log det of the preconditioner plus
+  SLQ on ≈ I) and GP posteriors agree with dense float64 answers to ~1e-14 (its rows cost one
+  product each; tests/test_gpytorch.py).
+* Caches follow the model: GPyTorch memoizes ``to_dense``, ``cholesky``, ``root_decomposition``
+  and friends on the wrapper; these are keyed on the values of every parameter and buffer the
+  wrapped operator reads (through its :class:`~curvops.Objective`), so after an in-place update,
+  a reassignment of ``p.data`` or ``load_state_dict`` they are recomputed, as products are
+  (contract rule 9). Operators without an Objective (``Dense``, function operators) are taken
+  as fixed. Caches of GPyTorch operators built *on top of* the wrapper (``add_diagonal``, sums)
+  are GPyTorch's own: rebuild those after changing the model (GPyTorch's models do on every call).
+* Products run in the curvature operator's own autograd mode (contract rule 8), so they are
+  exact inside GPyTorch's ``autograd.Function.forward`` (grad mode off), under ``no_grad`` and
+  under ``inference_mode``.
 * Gradients flow only to tensors in a LinearOperator's representation; a curvops operator's
   parameters (network weights, data) are not part of it, so GPyTorch can differentiate with
   respect to right-hand sides but not through the curvature itself.
@@ -47,9 +65,30 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     ) from err
 
 from ..operators import Dense, Diagonal, Identity, LowRank, Operator, as_operator
+from ..objective import Objective
 
 #: columns per product when unit vectors are used to read entries of a generic operator.
 ENTRY_BLOCK = 256
+
+
+def _objectives(op: Operator) -> list[Objective]:
+    """Every :class:`~curvops.Objective` an operator reads, found through its attributes
+    (composites hold operators, curvature operators an Objective); each listed once."""
+    found: dict[int, Objective] = {}
+    seen: set[int] = set()
+    stack: list = [op]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, Objective):
+            found[id(x)] = x
+        elif isinstance(x, Operator):
+            stack.extend(vars(x).values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(v for v in x if isinstance(v, (Operator, Objective, list, tuple)))
+    return list(found.values())
 
 
 def _unit_columns(n: int, idx: Tensor, dtype, device) -> Tensor:
@@ -101,6 +140,31 @@ class CurvopsLinearOperator(LinearOperator):
         self.carrier = carrier
         self.op = op
         self._batch = batch_shape
+        self._state_of = _objectives(op)
+
+    # ---- GPyTorch's memo cache, keyed on the model's state -----------------------------------
+    @property
+    def _memoize_cache(self) -> dict:
+        """GPyTorch's memo (``to_dense``, ``cholesky``, root decompositions), emptied whenever a
+        parameter or buffer the operator reads has changed value since it was filled.
+
+        **Cost**: a comparison of the model's parameters and buffers per look-up (O(P), no pass
+        over the data); one copy of them when the cache is (re)started.
+        """
+        d = self.__dict__
+        cache = d.setdefault("_memo", {})
+        objectives = d.get("_state_of", ())
+        if objectives:
+            stamps = d.get("_memo_stamps")
+            if stamps is None or not all(o.state_matches(st) for o, st in zip(objectives, stamps)):
+                cache.clear()
+                d["_memo_stamps"] = [o.state_stamp() for o in objectives]
+        return cache
+
+    @_memoize_cache.setter
+    def _memoize_cache(self, value: dict) -> None:
+        self.__dict__["_memo"] = value
+        self.__dict__["_memo_stamps"] = None
 
     def _with(self, *, op=None, batch_shape=None) -> "CurvopsLinearOperator":
         return self.__class__(self.carrier, op=self.op if op is None else op,
