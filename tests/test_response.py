@@ -410,9 +410,16 @@ def test_model_left_untouched():
     with pytest.raises(ValueError, match="not stationary"):
         ResponseJacobian(L, model, hyper, strict=True)
     contract.assert_unchanged(before, contract.snapshot(model))
-    # the operator holds copies: a later change of the model does not change the operator
+    # the operator follows the model (contract rule 9): after a change, a product equals a fresh
+    # operator's at the new point, and the stationarity check runs again there
     V = contract.probes(J.shape[1], 1)
     first = J @ V
     with torch.no_grad():
-        model[0].weight.add_(1.0)
-    torch.testing.assert_close(J @ V, first)
+        model[0].weight.mul_(1.5)
+    with pytest.warns(StationarityWarning):
+        moved = J @ V
+    with pytest.warns(StationarityWarning):
+        fresh = ResponseJacobian(L, model, hyper, max_iters=200)
+    torch.testing.assert_close(moved, fresh @ V, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(moved, first)
+    assert J.grad_norm == fresh.grad_norm

@@ -23,9 +23,11 @@ Calling convention (shared by all of them): ``L(params, **hyper) -> scalar tenso
 ``params`` is what the user passed — a dict ``{name: tensor}``, a single tensor, or an
 ``nn.Module`` (then L receives a dict of its trainable parameters and typically calls
 ``torch.func.functional_call``); ``hyper`` is a dict ``{name: tensor}`` whose names are
-keywords of L, or one tensor passed positionally as ``L(params, hyper)``.  The parameters
-and the differentiated hyperparameters are copied at construction (later changes to the
-model do not reach the operator); the module itself is never touched.  L must be a pure torch function that
+keywords of L, or one tensor passed positionally as ``L(params, hyper)``.  Products use
+the parameters' values at the moment of the product (later changes to the model or the
+tensors are followed, and the stationarity check of :class:`ResponseJacobian` runs again when
+they moved); the differentiated hyperparameters λ are copied at construction (they are where the
+derivative is taken); the module itself is never touched.  L must be a pure torch function that
 ``torch.func`` can transform (no ``.item()``, no in-place writes to its inputs).
 
 References:
@@ -123,7 +125,7 @@ def _check_signature(L: Callable, hyper_kind: str, names: Sequence[str], api: st
 
 
 def _params_dict(params: Any, api: str) -> tuple[str, dict[str, Tensor]]:
-    """('dict' | 'tensor' | 'module', detached copies {name: tensor})."""
+    """('dict' | 'tensor' | 'module', detached views {name: tensor} of the current values)."""
     if isinstance(params, nn.Module):
         named = {n: p for n, p in params.named_parameters() if p.requires_grad}
         if not named:
@@ -149,13 +151,14 @@ def _params_dict(params: Any, api: str) -> tuple[str, dict[str, Tensor]]:
     if len(dtypes) > 1 or len(devices) > 1:
         raise TypeError(f"{api}: expected parameters of one dtype on one device, got dtypes "
                         f"{sorted(map(str, dtypes))} on {sorted(map(str, devices))}. Convert them first.")
-    return kind, {n: t.detach().clone() for n, t in named.items()}
+    return kind, {n: t.detach() for n, t in named.items()}
 
 
 class _Problem:
     """L(w, λ) as a pure function of two dicts, with the user's calling convention inside.
 
-    ``w``: {name: tensor} (the parameters, copied); ``h``: {name: tensor} (the hyperparameters
+    ``w``: {name: tensor} (the parameters: re-read from the user's module, dict or tensor at every
+    access, so operators follow later changes, contract rule 9); ``h``: {name: tensor} (the hyperparameters
     we differentiate in, copied); ``fixed``: the other hyperparameters, passed unchanged.
     """
 
@@ -181,8 +184,9 @@ class _Problem:
                             f"got {type(hyper).__name__}.")
         # the signature check comes first: no evaluation happens before it
         _check_signature(L, kind_h, names, api)
-        self.kind_w, self.w = _params_dict(params, api)
-        first = next(iter(self.w.values()))
+        self.kind_w, w0 = _params_dict(params, api)
+        self._source, self._w_names, self.layout_w = params, list(w0), None
+        first = next(iter(w0.values()))
         self.dtype, self.device = first.dtype, first.device
         self.L, self.kind_h, self.api = L, kind_h, api
         hyper_d = {} if hyper is None else ({_HYPER: hyper} if kind_h == "tensor" else dict(hyper))
@@ -204,7 +208,28 @@ class _Problem:
                                 f"parameters), got {v.dtype} on {v.device}. Convert it with .to().")
             self.h[n] = v.detach().clone()
         self.fixed = {n: v for n, v in hyper_d.items() if n not in self.h}
-        self.layout_w, self.layout_h = _layout(self.w), _layout(self.h)
+        self.layout_w, self.layout_h = _layout(w0), _layout(self.h)
+
+    @property
+    def w(self) -> dict[str, Tensor]:
+        """The parameters' current values (detached views of the user's tensors)."""
+        src = self._source
+        if self.kind_w == "tensor":
+            cur = {_PARAMS: src.detach()}
+        else:
+            named = dict(src.named_parameters()) if self.kind_w == "module" else src
+            missing = [n for n in self._w_names if n not in named]
+            if missing:
+                raise ValueError(f"{self.api}: parameter(s) {missing} are gone from the params given at construction; "
+                                 f"build a new operator.")
+            cur = {n: named[n].detach() for n in self._w_names}
+        if self.layout_w is not None:
+            for n, shape in zip(self.layout_w.names, self.layout_w.shapes):
+                t = cur[n]
+                if t.shape != shape or t.dtype != self.dtype or t.device != self.device:
+                    raise ValueError(f"{self.api}: parameter {n!r} changed shape, dtype or device since the operator "
+                                     f"was built ({tuple(shape)} → {tuple(t.shape)}); build a new operator.")
+        return cur
 
     # user-side layouts: parameter dicts in/out where the user gave dicts
     @property
@@ -519,19 +544,32 @@ class ResponseJacobian(_ObjectiveOperator):
         self.assume_psd, self.grad_tol, self.strict = assume_psd, grad_tol, strict
         self.last_solve = None
         self.num_matvecs = self.num_mixed_products = self.num_solves = 0
-        g, value = problem.gradient_and_value()
+        self._point = None
+        self._check_point(stacklevel=3)
+
+    def _check_point(self, stacklevel: int = 7) -> None:
+        """The stationarity check, at construction and again whenever the parameters changed since.
+
+        The operator follows the user's parameters (a product uses their values at that moment);
+        when they moved, ∇_w L is evaluated again (one gradient) and the check repeats.
+        """
+        w = self.problem.w
+        if self._point is not None and all(torch.equal(a, w[n]) for n, a in self._point.items()):
+            return
+        self._point = {n: t.clone() for n, t in w.items()}
+        g, value = self.problem.gradient_and_value()
         self.value = value
         self.grad_norm = float(torch.linalg.vector_norm(g))
         self.stationarity = self.grad_norm / max(1.0, abs(value))
-        self.is_stationary = self.stationarity <= grad_tol
+        self.is_stationary = self.stationarity <= self.grad_tol
         if not self.is_stationary:
-            msg = (f"{api}: the point is not stationary: ‖∇_w L‖ = {self.grad_norm:.3e}, i.e. "
-                   f"‖∇_w L‖ / max(1, |L|) = {self.stationarity:.3e} > grad_tol = {grad_tol:g}. The "
+            msg = (f"ResponseJacobian: the point is not stationary: ‖∇_w L‖ = {self.grad_norm:.3e}, i.e. "
+                   f"‖∇_w L‖ / max(1, |L|) = {self.stationarity:.3e} > grad_tol = {self.grad_tol:g}. The "
                    f"implicit-function response describes an optimum only; optimise w further, or raise "
                    f"grad_tol to accept an approximate response.")
-            if strict:
+            if self.strict:
                 raise ValueError(msg)
-            warnings.warn(msg, StationarityWarning, stacklevel=2)
+            warnings.warn(msg, StationarityWarning, stacklevel=stacklevel)
 
     def _solve(self, B: Tensor, what: str) -> Tensor:
         from ..linalg.solve import ConvergenceError, ConvergenceWarning, solve  # linalg builds on operators
@@ -550,11 +588,13 @@ class ResponseJacobian(_ObjectiveOperator):
         return res.x
 
     def _matmat_torch(self, V: Tensor) -> Tensor:  # [Q, K] -> [P, K]
+        self._check_point()
         B = self.mixed._matmat_torch(V)
         self.num_mixed_products += V.shape[1]
         return -self._solve(B, "@ v")
 
     def _rmatmat_torch(self, W: Tensor) -> Tensor:  # [P, K] -> [Q, K]
+        self._check_point()
         Y = self._solve(W, ".T @ u")
         self.num_mixed_products += W.shape[1]
         return -self.mixed._rmatmat_torch(Y)
