@@ -157,7 +157,8 @@ def test_trace_density_condition_rank_stationary_match(default_run, demo):
     assert rg["tol"] == pytest.approx(cutoff, rel=1e-8) and near > 2
     assert rg["well_defined"] is False and rg["display"] == "not well defined at this precision"
     assert rg["below"] <= rg["tol"] < rg["above"] and "no gap at the cutoff λ₁·n·ε" in rg["caveat"]
-    assert c["restricted_value"] is None and "not well defined" in c["caveat"]
+    assert c["restricted_value"] is None and "The rank is not well defined at this precision" in c["note"]
+    assert c["caveat"] == f"numerically singular: {371 - rg['value']} of 371 eigenvalues ≤ the rank cutoff {fmt(cutoff)}"
 
     st = secs["stationary"]
     assert st["kind"] == "not_stationary" and st["curvature"] == "saddle"

@@ -415,11 +415,10 @@ def _rank(ctx: _Context) -> dict:
             r["caveat"] = f"a lower bound: all {res.values.numel()} computed values exceed the cutoff {_cutoff(r)}"
         elif res.well_defined:
             r["display"] = f"{res.value} of {size}"
-            r["caveat"] = f"cutoff {_cutoff(r)}, clear gap: {_around(r)}"
+            r["caveat"] = f"cutoff {_cutoff(r)}; clear gap: {_around(r)}"
         else:
             r["display"] = "not well defined at this precision"
-            r["caveat"] = (f"no gap at the cutoff {_cutoff(r)}: {_around(r)}; {res.value} of {size} values above it, "
-                           f"but another cutoff gives another count")
+            r["caveat"] = f"no gap at the cutoff {_cutoff(r)}: {_around(r)}"
         if not res.converged:
             r["caveat"] += f"; the eigensolver did not converge in {res.num_matvecs} products"
         out[key] = r
@@ -449,13 +448,12 @@ def _reconcile(sections: dict) -> None:
             restricted = r["largest"] / r["above"] if r["value"] > 0 and r["well_defined"] else None
             c.update(value=math.inf, status="numerically singular", display="∞", source="rank",
                      restricted_value=restricted, restricted_rank=r["value"])
-            c["caveat"] = f"numerically singular: {zeros} of {r['size']} eigenvalues at or below the cutoff {_cutoff(r)}"
+            c["caveat"] = f"numerically singular: {zeros} of {r['size']} eigenvalues ≤ the rank cutoff {r['tol']:.4g}"
             if restricted is not None:
                 c["caveat"] += f"; {restricted:.4g} on the {r['value']}-dimensional numerical range"
                 tail = (f" On the {r['value']}-dimensional numerical range (the counted eigenvalues) it is "
                         f"{restricted:.4g} ({r['symbol']}1 / {r['symbol']}{r['value']}).")
             else:
-                c["caveat"] += "; the rank is not well defined, so neither is κ on the numerical range"
                 tail = (" The rank is not well defined at this precision (no clear gap at the cutoff), so neither "
                         "is a condition number on the numerical range.")
             c["note"] = (f"Infinite to working precision: the operator is numerically rank-deficient, {zeros} of "
