@@ -361,6 +361,36 @@ def test_build_report_top_k_sections_and_failing_section(tmp_path, monkeypatch):
         build_report(model, "cross_entropy", (X, y), tmp_path, top_k=0, progress=False)
 
 
+def test_quick_float32_condition_and_rank_carry_their_status(tmp_path):
+    """The Lanczos paths (quick budgets: k_max = 40 < 371 parameters) on a float32 model, the issue's case: the
+    float32 cutoff λ₁·n·ε falls inside a smooth run of GGN eigenvalues, and the Hessian's rank exceeds k_max."""
+    model, X, y = demo_problem(num_samples=128, steps=100, dtype=torch.float32)
+    summary = build_report(model, "cross_entropy", (X, y), tmp_path, quick=True, progress=False, strict=True,
+                           sections=["condition", "rank"])
+    secs = summary["sections"]
+    G, H = (Op(model, "cross_entropy", (X, y)) for Op in (curvops.GGN, curvops.Hessian))
+    ref = curvops.rank(G, k_max=40, generator=gen(0))
+    r, c = secs["rank"]["ggn"], secs["condition"]["ggn"]
+    assert r["value"] == ref.value < 40 and r["above"] == ref.above and r["below"] == ref.below
+    assert r["tol"] == pytest.approx(float(ref.values[0]) * 371 * torch.finfo(torch.float32).eps, rel=1e-6)
+    assert r["below"] <= r["tol"] < r["above"] < 10 * r["tol"]  # no gap: the rank is an artifact of the cutoff
+    assert r["status"] == "not well defined" and r["display"] == "not well defined at this precision"
+    assert r["caveat"] == (f"no gap at the cutoff λ₁·n·ε = {fmt(r['tol'])}: λ{r['value']} = {fmt(r['above'])}, "
+                           f"λ{r['value'] + 1} = {fmt(r['below'])}")
+    assert c["value"] == "inf" and c["status"] == "numerically singular" and c["restricted_value"] is None
+    assert c["caveat"] == f"numerically singular: {371 - r['value']} of 371 eigenvalues ≤ the rank cutoff {fmt(r['tol'])}"
+
+    rh, ch = secs["rank"]["hessian"], secs["condition"]["hessian"]
+    assert rh["lower_bound"] and rh["status"] == "lower bound" and rh["display"] == "≥ 40 of 371"
+    assert rh["caveat"].startswith("a lower bound: all 40 computed values exceed the cutoff max|λ|·n·ε")
+    # a lower-bound rank says nothing about κ: the eigensolver's figure stays, with its own status
+    cref = curvops.cond(H, max_iters=150, generator=gen(0))
+    assert ch["source"] == "eigensolver" and ch["status"] == cref.status == "infinite" and ch["display"] == "∞"
+    floor = abs(cref.largest) / cref.zero_threshold
+    assert f"≥ {fmt(floor)} for certain" in ch["caveat"] and floor > 1
+    check_report_html(tmp_path, summary)
+
+
 def test_a_failed_analysis_is_shown_in_the_console_the_html_and_the_summary(tmp_path, monkeypatch, capsys):
     """Issue 10: the report never drops a section silently."""
     import importlib

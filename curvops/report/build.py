@@ -356,17 +356,20 @@ def _condition(ctx: _Context) -> dict:
                     "lower_bound": bool(res.lower_bound), "zero_threshold": float(res.zero_threshold),
                     "eigensolver_value": float(res.value), "eigensolver_status": res.status,
                     "source": "eigensolver", **_cond_status(res.value, res.status, res.num_matvecs,
-                                                            res.zero_threshold)}
+                                                            res.zero_threshold, res.largest)}
     return out
 
 
-def _cond_status(value: float, status: str, num_matvecs: int, zero_threshold: float) -> dict:
+def _cond_status(value: float, status: str, num_matvecs: int, zero_threshold: float, largest: float) -> dict:
     """``status``, a ``display`` string, a short ``caveat`` and a one-sentence ``note`` for a :func:`cond` result."""
     if status == "infinite":
+        floor = abs(largest) / zero_threshold if zero_threshold > 0 else math.inf
         return {"status": "infinite", "display": "∞",
-                "caveat": f"zero to working precision: the smallest eigenvalue is at most {zero_threshold:.4g}",
-                "note": f"Infinite: the smallest eigenvalue is below what the eigensolve resolves "
-                        f"({zero_threshold:.4g}), i.e. zero to working precision."}
+                "caveat": f"the smallest eigenvalue is below the eigensolve's resolution {zero_threshold:.4g}: "
+                          f"infinite to that resolution, ≥ {floor:.4g} for certain",
+                "note": f"Infinite as far as the eigensolve can tell: the smallest eigenvalue (in magnitude) is at "
+                        f"most {zero_threshold:.4g}, the smallest value it resolves, so the condition number is at "
+                        f"least {floor:.4g} and may be infinite."}
     if status == "converged":
         return {"status": "converged", "display": f"{value:.4g}", "caveat": "Lanczos converged",
                 "note": "The eigensolver converged at both ends of the spectrum."}
