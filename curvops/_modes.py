@@ -31,14 +31,26 @@ def _autocast_device_types() -> list[str]:
     return types
 
 
+def _math_attention():
+    """``scaled_dot_product_attention`` on its MATH backend (plain ops: every derivative exists)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch without the context manager: nothing to switch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 @contextlib.contextmanager
 def product_mode():
-    """Grad mode on, inference mode off, autocast off (all device types), for one product."""
+    """Grad mode on, inference mode off, autocast off (all device types), and attention on the
+    MATH backend (the fused flash / memory-efficient kernels have no double backward and no
+    forward mode: contract rule 10), for one product; the caller's settings come back afterwards."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         for device_type in _autocast_device_types():
             stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+        stack.enter_context(_math_attention())
         yield
 
 

@@ -113,7 +113,7 @@ class Operator(spla.LinearOperator):
         if V.dim() == 2 and V.shape[1] == 0:
             return V.new_zeros(self.shape[0], 0)
         with product_mode():  # contract rule 8: the caller's autograd context never changes the matrix
-            V = usable(V)
+            V = usable(V).detach()  # a vector that requires grad (GPyTorch's) must not record the product
             if V.dim() == 1:
                 return self._matmat_torch(V[:, None])[:, 0]
             return self._matmat_torch(V)
@@ -125,7 +125,7 @@ class Operator(spla.LinearOperator):
         if W.dim() == 2 and W.shape[1] == 0:
             return W.new_zeros(self.shape[1], 0)
         with product_mode():
-            W = usable(W)
+            W = usable(W).detach()
             if W.dim() == 1:
                 return self._rmatmat_torch(W[:, None])[:, 0]
             return self._rmatmat_torch(W)

@@ -434,13 +434,14 @@ class MixedDerivative(_ObjectiveOperator):
     def _matmat_torch(self, V: Tensor) -> Tensor:  # [Q, K] -> [P, K]
         pb, K, g = self.problem, V.shape[1], self._gw_of_h()
         out = self._columns(lambda v: jvp(g, (pb.h,), (v,))[1], _split(V, pb.layout_h), K)
-        return _join(out, pb.layout_w, K)
+        # torch.func's jvp promotes `python float * 0-dim float32` tangents to float64: back to ours
+        return _join(out, pb.layout_w, K).to(self.torch_dtype)
 
     def _rmatmat_torch(self, W: Tensor) -> Tensor:  # [P, K] -> [Q, K]
         pb, K = self.problem, W.shape[1]
         _, vjp_fn = vjp(self._gw_of_h(), pb.h)
         out = self._columns(lambda u: vjp_fn(u)[0], _split(W, pb.layout_w), K)
-        return _join(out, pb.layout_h, K)
+        return _join(out, pb.layout_h, K).to(self.torch_dtype)
 
 
 class ResponseJacobian(_ObjectiveOperator):
