@@ -12,10 +12,13 @@ model (a tanh MLP on three Gaussian blobs, a second or two) and reports on it; w
 
 it reports on a user's model: ``factory()`` returns an ``nn.Module``, the checkpoint is a state
 dict saved with ``torch.save`` (or a dict holding one under ``"state_dict"`` / ``"model"``), and
-``loader()`` returns ``(X, y)`` or a ``DataLoader``.  Specs, imports, checkpoint keys and shapes,
+``loader()`` returns ``(X, y)`` or a ``DataLoader``.  Without ``--checkpoint`` the report is on the
+weights the factory returns (usually random initial ones) and says so at its top (console, page,
+``summary.json``).  Specs, imports, checkpoint keys and shapes,
 and the fit of data and loss to the model are checked before any heavy work; a problem is
 printed as one line (no traceback) and the command exits with status 2.  Exit status 1 means
-the report was written but a section failed (its error is in the report).
+the report was written but a section failed (its error and traceback are in the report and in
+``summary.json``, and the console lists it).
 """
 
 from __future__ import annotations

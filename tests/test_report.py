@@ -359,6 +359,9 @@ def test_build_report_top_k_sections_and_failing_section(tmp_path, monkeypatch):
         build_report(model, "cross_entropy", (X, y), tmp_path, sections=["nope"], progress=False)
     with pytest.raises(ValueError, match="build_report: expected top_k ≥ 1"):
         build_report(model, "cross_entropy", (X, y), tmp_path, top_k=0, progress=False)
+    with pytest.raises(TypeError, match=r"build_report: expected warnings as a list of strings, got 'untrained'\. "
+                                        r"Pass e\.g\. warnings="):
+        build_report(model, "cross_entropy", (X, y), tmp_path, warnings="untrained", progress=False)
 
 
 def test_quick_float32_condition_and_rank_carry_their_status(tmp_path):
