@@ -35,6 +35,48 @@ LOSSES = {
 _KIND_OF = {nn.MSELoss: "mse", nn.CrossEntropyLoss: "cross_entropy", nn.BCEWithLogitsLoss: "bce_with_logits"}
 
 
+#: token-level losses of language models: cross-entropy over [B, T, V] logits, -100 ignored;
+#: "causal_lm" predicts token t+1 from position t (logits[:, :-1] against labels[:, 1:]),
+#: "token_cross_entropy" (masked LM, token classification) every position against its own label.
+TOKEN_LOSSES = {"causal_lm": True, "token_cross_entropy": False}
+
+
+def logits_of(out):
+    """The prediction tensor of a model output: the tensor itself, or ``.logits`` / ``["logits"]``
+    of a HuggingFace ``ModelOutput`` (or any object or dict that has logits)."""
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, dict):
+        logits = out.get("logits")
+    if isinstance(logits, Tensor):
+        return logits
+    raise TypeError(
+        f"Objective: the model returned {type(out).__name__}, expected a tensor or an output with .logits; pass "
+        f"output= to pick the prediction (e.g. output=lambda o: o.last_hidden_state)."
+    )
+
+
+def token_layout(shift: bool):
+    """[B, T, V] logits → [B, V, T'] for torch's cross_entropy (T' = T − 1 with the causal shift)."""
+    def layout(out):
+        logits = logits_of(out)
+        if logits.dim() != 3:
+            raise ValueError(f"Objective: a token-level loss needs logits [batch, tokens, vocabulary], got shape "
+                             f"{tuple(logits.shape)}.")
+        return (logits[:, :-1] if shift else logits).transpose(1, 2)
+    return layout
+
+
+def token_targets(shift: bool):
+    def targets(y):
+        if not isinstance(y, Tensor) or y.dim() != 2 or y.is_floating_point():
+            raise ValueError(f"Objective: a token-level loss needs integer labels [batch, tokens] (-100 where "
+                             f"ignored), got {getattr(y, 'shape', type(y).__name__)}.")
+        return y[:, 1:] if shift else y
+    return targets
+
+
 def resolve_loss(loss, reduction: str | None) -> tuple[Callable | None, str, str | None, nn.Module | None]:
     """→ (callable, reduction, kind, module); ``loss=None`` for loss-free quantities (Jacobians, NTK)."""
     if loss is None:
@@ -45,9 +87,13 @@ def resolve_loss(loss, reduction: str | None) -> tuple[Callable | None, str, str
             f"Pass {loss.__name__}() (with reduction='mean' or 'sum'), or a name such as 'cross_entropy'."
         )
     if isinstance(loss, str):
-        if loss not in LOSSES:
-            raise ValueError(f"Objective: unknown loss name {loss!r}; expected one of {sorted(LOSSES)} or a callable.")
-        loss = LOSSES[loss](reduction=reduction or "mean")
+        if loss in TOKEN_LOSSES:
+            loss = nn.CrossEntropyLoss(reduction=reduction or "mean", ignore_index=-100)
+        elif loss not in LOSSES:
+            raise ValueError(f"Objective: unknown loss name {loss!r}; expected one of "
+                             f"{sorted(LOSSES) + sorted(TOKEN_LOSSES)} or a callable.")
+        else:
+            loss = LOSSES[loss](reduction=reduction or "mean")
     if isinstance(loss, nn.Module) and hasattr(loss, "reduction"):
         red = loss.reduction
         if reduction is not None and reduction != red:

@@ -32,7 +32,8 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from ._data import Batch, SplitBatches, as_batches, leading_dim, split_dict, tree_leaves, tree_map
-from ._losses import check_target, denominator, resolve_loss, sample_denominators
+from ._losses import (TOKEN_LOSSES, check_target, denominator, logits_of, resolve_loss, sample_denominators,
+                      token_layout, token_targets)
 from ._modes import product_mode, usable
 from .layout import ParamLayout
 
@@ -99,8 +100,14 @@ class Objective:
         model: an ``nn.Module`` or a plain function ``f(params: dict, x)``.
         loss: ``"mse"``, ``"cross_entropy"``, ``"bce_with_logits"``, a torch loss module with
             ``reduction`` ``"mean"``/``"sum"`` (``ignore_index``, class ``weight`` and
-            ``label_smoothing`` of cross-entropy are honoured exactly), or any callable
-            ``loss(output, target)`` together with ``reduction=``.
+            ``label_smoothing`` of cross-entropy are honoured exactly), any callable
+            ``loss(output, target)`` together with ``reduction=``, or a language model's token-level
+            cross-entropy over ``[B, T, V]`` logits with -100 ignored: ``"causal_lm"`` (logits at
+            position t against the label at t+1, as HuggingFace's causal-LM loss shifts them) or
+            ``"token_cross_entropy"`` (every position against its own label: masked LM, token
+            classification).  The mean is over the counted tokens of the whole data set.
+            A model output that is not a tensor but has ``logits`` (a HuggingFace ``ModelOutput``)
+            is reduced to its logits.
         data: ``(X, y)`` tensors (``X`` may be a tensor, a tuple or a dict of tensors), a dict of
             tensors holding the targets under ``target_key``, a list of such batches, a
             ``DataLoader`` (not shuffling), or any re-iterable of batches.
@@ -147,6 +154,9 @@ class Objective:
     ):
         self.loss_fn, self.reduction, self.loss_kind, self.loss_module = resolve_loss(loss, reduction)
         self.output = output
+        self._layout = self._targets = None
+        if isinstance(loss, str) and loss in TOKEN_LOSSES:
+            self._layout, self._targets = token_layout(TOKEN_LOSSES[loss]), token_targets(TOKEN_LOSSES[loss])
         self.allow_stochastic = allow_stochastic
         if call not in ("auto", "kwargs", "positional"):
             raise ValueError(f"Objective: call must be 'auto', 'kwargs' or 'positional', got {call!r}.")
@@ -337,7 +347,11 @@ class Objective:
                 out = functional_call(self.model, p, (x,))
         else:
             out = self.model(p, x)
-        return self.output(out) if self.output is not None else out
+        if self.output is not None:
+            out = self.output(out)
+        if self._layout is not None:
+            return self._layout(out)
+        return out if isinstance(out, Tensor) else logits_of(out)  # a ModelOutput: its logits
 
     def _dict_style(self, x: Mapping) -> str:
         """'kwargs' or 'positional' for dict inputs (see ``call=``), decided once per set of keys."""
@@ -405,6 +419,8 @@ class Objective:
         self._checking = check = not (self._fixed_data and self._validated)
         for index, batch in enumerate(self.data):
             x, y = self._split(batch, index)
+            if self._targets is not None and y is not None:
+                y = self._targets(y)
             n = leading_dim(x, y)
             for t in tree_leaves(x) + tree_leaves(y):
                 if t.is_meta:
