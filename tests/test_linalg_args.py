@@ -352,13 +352,7 @@ def test_check_int_real_choice_flag():
         check_flag(0, "f", "api")
 
 
-# ---- summaries.py (another engineer's file this round): what it still needs -------------------
-SUMMARIES_PENDING = pytest.mark.xfail(
-    strict=True, reason="issue 10: curvops/linalg/summaries.py does not validate these yet (not this file's owner); "
-                        "remove the mark once it uses curvops.linalg._checks")
-
-
-@SUMMARIES_PENDING
+# ---- summaries.py: checked under the name the user called, on every path ---------------------
 @pytest.mark.parametrize("fn, kwargs, exc, match", [
     (curvops.rank, dict(k_max=2.0), TypeError, r"^rank: expected an integer k_max"),
     (curvops.rank, dict(block_size=1.5), TypeError, r"^rank: expected an integer block_size"),
@@ -380,6 +374,69 @@ def test_summaries_validate_their_arguments(fn, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         fn(A, **kwargs)
     assert calls[0] == 0
+
+
+# the same on the other paths (Lanczos rank, rectangular operators) and for the remaining arguments:
+# never labelled by the eigsh/trace/slq underneath
+SUMMARIES_MORE = [
+    ("rank-lanczos-max_iters", curvops.rank, None, dict(k_max=5, max_iters=2.5), TypeError,
+     r"^rank: expected an integer max_iters, got float 2\.5\."),
+    ("rank-lanczos-generator", curvops.rank, None, dict(k_max=5, generator="x"), TypeError, r"^rank: expected a torch\.Generator"),
+    ("rank-gram-block_size", curvops.rank, 30, dict(k_max=5, block_size=0), ValueError, r"^rank: expected block_size ≥ 1, got 0\."),
+    ("rank-eig_tol", curvops.rank, None, dict(k_max=5, eig_tol="a"), TypeError, r"^rank: expected a real number for eig_tol"),
+    ("rank-gap_factor-str", curvops.rank, None, dict(gap_factor="a"), TypeError, r"^rank: expected a real number for gap_factor"),
+    ("rank-k_max-bool", curvops.rank, None, dict(k_max=True), TypeError, r"^rank: expected an integer k_max, got bool"),
+    ("rank-tol-nan", curvops.rank, None, dict(tol=math.nan), ValueError, r"^rank: expected tol ≥ 0, got nan"),
+    ("cond-tol", curvops.cond, None, dict(tol="a"), TypeError, r"^cond: expected a real number for tol"),
+    ("cond-tol-negative", curvops.cond, None, dict(tol=-1.0), ValueError, r"^cond: expected a finite tol ≥ 0, got -1\.0\."),
+    ("cond-max_iters", curvops.cond, None, dict(max_iters=2.5), TypeError, r"^cond: expected an integer max_iters"),
+    ("cond-gram-generator", curvops.cond, 30, dict(generator=np.random.default_rng(0)), TypeError,
+     r"^cond: expected a torch\.Generator"),
+    ("cond-damping-inf", curvops.cond, None, dict(damping=math.inf), ValueError, r"^cond: expected damping ≥ 0, got inf"),
+    ("spectral_norm-generator", curvops.spectral_norm, None, dict(generator="x"), TypeError,
+     r"^spectral_norm: expected a torch\.Generator"),
+    ("spectral_norm-gram-tol", curvops.spectral_norm, 30, dict(tol="a"), TypeError,
+     r"^spectral_norm: expected a real number for tol"),
+    ("spectral_norm-max_iters-0", curvops.spectral_norm, None, dict(max_iters=0), ValueError,
+     r"^spectral_norm: expected max_iters ≥ 1, got 0\."),
+    ("nuclear-trace_method", curvops.nuclear_norm, None, dict(trace_method="exact"), ValueError,
+     r"^nuclear_norm: expected trace_method in \('hutchinson', 'hutch\+\+', 'xtrace', 'xnystrace'\), got 'exact'\."),
+    ("nuclear-num_matvecs-budget", curvops.nuclear_norm, None, dict(num_matvecs=3), ValueError,
+     r"^nuclear_norm: expected num_matvecs ≥ 4, got 3\. trace_method='xtrace' needs at least 4 products\.$"),
+    ("nuclear-gram-num_steps", curvops.nuclear_norm, 30, dict(num_steps=2.5), TypeError,
+     r"^nuclear_norm: expected an integer num_steps"),
+    ("nuclear-gram-num_probes", curvops.nuclear_norm, 30, dict(num_probes=0), ValueError,
+     r"^nuclear_norm: expected num_probes ≥ 1, got 0\."),
+    ("nuclear-gram-num_matvecs", curvops.nuclear_norm, 30, dict(num_matvecs="10"), TypeError,
+     r"^nuclear_norm: expected an integer num_matvecs"),
+    ("nuclear-probe_batch_size", curvops.nuclear_norm, 30, dict(probe_batch_size=1.0), TypeError,
+     r"^nuclear_norm: expected an integer probe_batch_size, got float 1\.0\. Pass probe_batch_size=1\.$"),
+]
+
+
+@pytest.mark.parametrize("fn, m, kwargs, exc, match", [c[1:] for c in SUMMARIES_MORE], ids=[c[0] for c in SUMMARIES_MORE])
+def test_summaries_validate_on_every_path(fn, m, kwargs, exc, match):
+    A, calls = counting(40, m)
+    with pytest.raises(exc, match=match):
+        fn(A, **kwargs)
+    assert calls[0] == 0
+
+
+def test_summaries_accept_numpy_counts_and_tensor_reals():
+    A, _ = counting(40)
+    R, _ = counting(40, 30)
+    i, f = np.int64, np.float64
+    ranked = curvops.rank(A, k_max=i(5), block_size=i(2), max_iters=i(50), eig_tol=f(1e-8), tol=torch.tensor(37.5),
+                          gap_factor=f(1.01), generator=0)
+    assert "Lanczos" in ranked.method and ranked.value == 3 and not ranked.lower_bound and ranked.well_defined
+    assert curvops.rank(R, tol=np.float32(0.0)).value == 30
+    ref = curvops.cond(A, damping=1.0, generator=0).value
+    assert curvops.cond(A, damping=torch.tensor(1.0), tol=f(1e-6), max_iters=i(100), generator=i(0)).value == ref
+    assert curvops.spectral_norm(R, tol=torch.tensor(1e-6), max_iters=i(100), generator=0).value == \
+        curvops.spectral_norm(R, generator=0).value
+    assert curvops.nuclear_norm(A, num_matvecs=i(40), trace_method="hutch++", generator=0).value == pytest.approx(820)
+    assert curvops.nuclear_norm(R, num_probes=i(3), num_steps=i(5), probe_batch_size=i(2), generator=0).value == \
+        curvops.nuclear_norm(R, num_probes=3, num_steps=5, probe_batch_size=2, generator=0).value
 
 
 @pytest.mark.parametrize("fn", [curvops.rank, curvops.cond, curvops.spectral_norm, curvops.nuclear_norm],

@@ -26,8 +26,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._checks import check_choice, check_generator, check_int, check_optional_int, check_real
 from .density import slq_trace
 from .lanczos import eigsh, random_block
+
+#: methods of :func:`curvops.linalg.trace.trace` for ``nuclear_norm(trace_method=...)``, with the fewest
+#: products each needs (as :func:`~curvops.linalg.trace.trace` requires them)
+_TRACE_BUDGETS = {"hutchinson": 1, "hutch++": 3, "xtrace": 4, "xnystrace": 2}
 
 
 # ---- results ---------------------------------------------------------------------------------
@@ -179,6 +184,13 @@ def _operator(A, api: str):
     return A
 
 
+def _check_eig_args(tol, max_iters, generator, A, api: str, tol_name: str = "tol"):
+    """The eigensolver's tolerance, step cap and random source, checked under the caller's name."""
+    tol = check_real(tol, tol_name, api, minimum=0.0, fix=f"{tol_name}=0 means machine precision.")
+    max_iters = check_optional_int(max_iters, "max_iters", api, minimum=1)
+    return tol, max_iters, check_generator(generator, api, A.device)
+
+
 def _func(shape, fn, A, tags=()):
     from ..operators.algebra import func_operator
 
@@ -253,16 +265,20 @@ def rank(A, tol: float | None = None, *, k_max: int = 100, block_size: int = 4, 
         :class:`RankResult`.
 
     Raises:
-        ValueError: bad ``k_max`` / ``tol`` / ``gap_factor``, or a product returned NaN/Inf.
+        TypeError: an argument of the wrong kind (a float ``k_max``/``block_size``/``max_iters``,
+            a string ``tol``, a ``generator`` that is not None, a ``torch.Generator`` or an int seed).
+        ValueError: ``k_max``/``block_size``/``max_iters`` < 1, ``tol`` < 0 or NaN, ``eig_tol``
+            < 0, ``gap_factor`` ≤ 1 or infinite, or a product returned NaN/Inf.
     """
     api = "rank"
     A = _operator(A, api)
-    if not isinstance(k_max, int) or k_max < 1:
-        raise ValueError(f"{api}: expected k_max ≥ 1, got {k_max!r}.")
-    if tol is not None and not tol >= 0:
-        raise ValueError(f"{api}: expected tol ≥ 0, got {tol!r}.")
-    if isinstance(gap_factor, bool) or not isinstance(gap_factor, (int, float)) or not 1 < gap_factor < math.inf:
-        raise ValueError(f"{api}: expected a finite gap_factor > 1 (e.g. 10), got {gap_factor!r}.")
+    k_max = check_int(k_max, "k_max", api, minimum=1)
+    if tol is not None:
+        tol = check_real(tol, "tol", api, minimum=0.0, allow_inf=True, expected="tol ≥ 0")
+    block_size = check_int(block_size, "block_size", api, minimum=1)
+    eig_tol, max_iters, generator = _check_eig_args(eig_tol, max_iters, generator, A, api, "eig_tol")
+    gap_factor = check_real(gap_factor, "gap_factor", api, minimum=1.0, strict=True,
+                            expected="a finite gap_factor > 1 (e.g. 10)")
     M, N = A.shape
     eps = torch.finfo(A.torch_dtype).eps
     symmetric = A.is_symmetric
@@ -355,13 +371,16 @@ def cond(A, damping: float = 0.0, *, tol: float = 1e-6, max_iters: int | None = 
         :class:`CondResult` (``kind`` says which formula applied, ``status`` how far to trust it).
 
     Raises:
-        ValueError: negative damping, damping for a non-symmetric operator, an operator too
-            small for Lanczos (n < 3: use a dense method), or a product returned NaN/Inf.
+        TypeError: an argument of the wrong kind (a string ``damping`` or ``tol``, a float
+            ``max_iters``, a ``generator`` that is not None, a ``torch.Generator`` or an int seed).
+        ValueError: negative or non-finite damping, damping for a non-symmetric operator, a
+            negative ``tol``, ``max_iters`` < 1, an operator too small for Lanczos (n < 3: use a
+            dense method), or a product returned NaN/Inf.
     """
     api = "cond"
     A = _operator(A, api)
-    if not (damping >= 0 and math.isfinite(damping)):
-        raise ValueError(f"{api}: expected damping ≥ 0, got {damping!r}.")
+    damping = check_real(damping, "damping", api, minimum=0.0, expected="damping ≥ 0")
+    tol, max_iters, generator = _check_eig_args(tol, max_iters, generator, A, api)
     eps23 = torch.finfo(A.torch_dtype).eps ** (2 / 3)
     kw = dict(tol=tol, max_iters=max_iters, generator=generator, return_eigenvectors=False)
     if not A.is_symmetric:
@@ -431,9 +450,15 @@ def spectral_norm(A, *, tol: float = 1e-6, max_iters: int | None = None,
 
     Returns:
         :class:`NormEstimate`.
+
+    Raises:
+        TypeError: an argument of the wrong kind (a string ``tol``, a float ``max_iters``, a
+            ``generator`` that is not None, a ``torch.Generator`` or an int seed).
+        ValueError: a negative ``tol``, ``max_iters`` < 1, or a product returned NaN/Inf.
     """
     api = "spectral_norm"
     A = _operator(A, api)
+    tol, max_iters, generator = _check_eig_args(tol, max_iters, generator, A, api)
     kw = dict(tol=tol, max_iters=max_iters, generator=generator, return_eigenvectors=False)
     if A.is_symmetric:
         if A.shape[0] < 2:
@@ -483,14 +508,26 @@ def nuclear_norm(A, *, num_matvecs: int = 100, num_probes: int = 30, num_steps: 
     Returns:
         :class:`NormEstimate` with ``stderr``.
 
+    Every argument is checked on every path (a PSD operator's ``num_probes``/``num_steps`` too).
+
     Raises:
-        ValueError: bad counts, or a product returned NaN/Inf.
+        TypeError: a count that is not an integer (``3.0`` included), a ``generator`` that is
+            not None, a ``torch.Generator`` or an int seed.
+        ValueError: a count < 1 (for PSD operators, ``num_matvecs`` below what ``trace_method``
+            needs), an unknown ``trace_method``, or a product returned NaN/Inf.
     """
     api = "nuclear_norm"
     A = _operator(A, api)
-    if not isinstance(num_probes, int) or num_probes < 1:
-        raise ValueError(f"{api}: expected num_probes ≥ 1, got {num_probes!r}.")
+    num_matvecs = check_int(num_matvecs, "num_matvecs", api, minimum=1)
+    num_probes = check_int(num_probes, "num_probes", api, minimum=1)
+    num_steps = check_int(num_steps, "num_steps", api, minimum=1)
+    probe_batch_size = check_optional_int(probe_batch_size, "probe_batch_size", api, minimum=1)
+    check_choice(trace_method, "trace_method", tuple(_TRACE_BUDGETS), api)
+    generator = check_generator(generator, api, A.device)
     if A.is_psd:
+        need = _TRACE_BUDGETS[trace_method]
+        check_int(num_matvecs, "num_matvecs", api, minimum=need, expected=f"num_matvecs ≥ {need}",
+                  fix=f"trace_method={trace_method!r} needs at least {need} products.")
         try:
             from .trace import trace
         except ImportError:  # the trace module is optional here: fall back to plain Hutchinson
