@@ -32,8 +32,8 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from ._data import Batch, SplitBatches, as_batches, leading_dim, split_dict, tree_leaves, tree_map
-from ._losses import (TOKEN_LOSSES, check_target, denominator, logits_of, resolve_loss, sample_denominators,
-                      token_layout, token_targets)
+from ._losses import (TOKEN_LOSSES, check_target, denominator, resolve_loss, sample_denominators, token_layout,
+                      token_targets)
 from ._modes import product_mode, usable
 from .layout import ParamLayout
 
@@ -351,7 +351,12 @@ class Objective:
             out = self.output(out)
         if self._layout is not None:
             return self._layout(out)
-        return out if isinstance(out, Tensor) else logits_of(out)  # a ModelOutput: its logits
+        if isinstance(out, Tensor):
+            return out
+        logits = getattr(out, "logits", None)  # a ModelOutput (or a dict with logits): its logits
+        if logits is None and isinstance(out, Mapping):
+            logits = out.get("logits")
+        return logits if isinstance(logits, Tensor) else out  # anything else: the callers name the problem
 
     def _dict_style(self, x: Mapping) -> str:
         """'kwargs' or 'positional' for dict inputs (see ``call=``), decided once per set of keys."""

@@ -266,8 +266,16 @@ def test_tuple_inputs_and_output_picker(data):
     A = Hessian(model, "cross_entropy", ((X, 0.5 * X), y), output=lambda o: o["logits"]).to_dense()
     B = Hessian(mlp(), "cross_entropy", (1.5 * X, y)).to_dense()
     torch.testing.assert_close(A, B)
+    # an output with logits (a dict here, a HuggingFace ModelOutput usually) is reduced to them
+    C = Hessian(model, "cross_entropy", ((X, 0.5 * X), y)).to_dense()
+    torch.testing.assert_close(C, B)
+
+    class NoLogits(TwoInputs):
+        def forward(self, a, b):
+            return {"scores": self.net(a + b)}
+
     with pytest.raises(TypeError, match="pass output= to pick"):
-        Hessian(model, "cross_entropy", ((X, X), y)) @ torch.zeros(B.shape[0], dtype=D)
+        Hessian(NoLogits(), "cross_entropy", ((X, X), y)) @ torch.zeros(B.shape[0], dtype=D)
 
 
 def test_objective_gradient_and_loss_match_autograd(data):
