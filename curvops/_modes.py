@@ -41,16 +41,35 @@ def _math_attention():
 
 
 @contextlib.contextmanager
+def _no_fused_fastpath():
+    """``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` without their fused inference
+    "fast path" (``aten::_transformer_encoder_layer_fwd`` has no derivatives); restored afterwards.
+    The switch is process-wide, so it is flipped only while a product runs."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
+
+
+@contextlib.contextmanager
 def product_mode():
-    """Grad mode on, inference mode off, autocast off (all device types), and attention on the
-    MATH backend (the fused flash / memory-efficient kernels have no double backward and no
-    forward mode: contract rule 10), for one product; the caller's settings come back afterwards."""
+    """Grad mode on, inference mode off, autocast off (all device types), attention on the MATH
+    backend (the fused flash / memory-efficient kernels have no double backward and no forward
+    mode: contract rule 10) and no fused transformer fast path, for one product; the caller's
+    settings come back afterwards, also when the product raises."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         for device_type in _autocast_device_types():
             stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
         stack.enter_context(_math_attention())
+        stack.enter_context(_no_fused_fastpath())
         yield
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..objective import Batch, Objective
+from . import _autodiff
 from . import tags as _tags
 from .base import Operator
 
@@ -111,40 +112,32 @@ def output_space(objective: Objective, batch: Batch, theta: Sequence[Tensor], Vs
     """Jᵀ M J for a block of columns on one batch (J = ∂f/∂θ of the batch outputs).
 
     ``apply_M(out, JV [K, *out.shape]) -> [K, *out.shape]`` applies the output-space matrix.
-    Cost: one forward for the VJP, one forward-mode pass per column (vmapped), one VJP per column.
+    Cost: one forward for the VJP, one forward-mode pass per column (vmapped), one VJP per column;
+    without forward mode (a layer lacking its formula) J V comes from the double-VJP trick, and a
+    model that torch.func refuses (a legacy autograd.Function) runs on plain torch.autograd
+    (see ``_autodiff``).
     """
-    from torch.func import jvp, vjp, vmap
-
     def f(*th):
         return objective.forward(th, batch.x)
 
     K = Vs[0].shape[0]
-    if K == 1:
+    if K == 1 and _autodiff.forward_ok(objective):
         try:
             res = _single_column(f, objective, batch, theta, Vs, apply_M)
+            _autodiff.note(objective, "forward_mode", True)
             path.append("forward-mode J (dual tensors) and reverse-mode Jᵀ on one forward pass")
             return res
-        except (RuntimeError, NotImplementedError):
-            pass  # a layer without forward-mode support: the torch.func path below has a fallback
-    out, vjp_fn = vjp(f, *theta)
-    objective.check_target(out, batch.y, batch.index)
-    try:
-        if K == 1:
-            _, JV = jvp(f, tuple(theta), tuple(v[0] for v in Vs))
-            JV = JV[None]
-        else:
-            JV = vmap(lambda *v: jvp(f, tuple(theta), v)[1])(*Vs)
-        kind = "forward-mode J"
-    except (RuntimeError, NotImplementedError):
-        # Some layers lack forward-mode formulas: J V by the double-VJP trick, reverse mode only.
-        JV = _jvp_by_double_vjp(f, theta, Vs)
-        kind = "double-VJP J"
-    MJV = apply_M(out.detach(), JV)
-    if K == 1:
-        res = [r[None] for r in vjp_fn(MJV[0])]
-    else:
-        res = list(vmap(vjp_fn)(MJV))
-    path.append(f"{kind}, reverse-mode Jᵀ (torch.func)")
+        except (RuntimeError, NotImplementedError) as err:
+            if not _autodiff.lacks_forward_mode(err):
+                raise
+            _autodiff.note(objective, "forward_mode", False)  # the paths below have exact fallbacks
+    pull = _autodiff.Pullback(objective, f, theta)
+    objective.check_target(pull.out, batch.y, batch.index)
+    JV, kind = _autodiff.jvp_columns(objective, f, theta, Vs)
+    MJV = apply_M(pull.out.detach(), JV)
+    res = pull.columns(MJV)
+    engine = "torch.func" if pull.functorch else "torch.autograd"
+    path.append(f"{kind} J, reverse-mode Jᵀ ({engine})")
     return res
 
 
@@ -166,17 +159,4 @@ def _single_column(f, objective: Objective, batch: Batch, theta, Vs, apply_M) ->
     return [torch.zeros_like(t)[None] if r is None else r[None] for r, t in zip(res, th)]
 
 
-def _jvp_by_double_vjp(f, theta: Sequence[Tensor], Vs: list[Tensor]) -> Tensor:
-    """J V = ∂/∂u ⟨Jᵀu, V⟩: a VJP with a dummy cotangent u, then a VJP of that w.r.t. u."""
-    th = [t.detach().requires_grad_() for t in theta]
-    with torch.enable_grad():
-        out = f(*th)
-        u = torch.zeros_like(out, requires_grad=True)
-        g = torch.autograd.grad(out, th, u, create_graph=True, allow_unused=True)
-        pairs = [(gi, v) for gi, v in zip(g, Vs) if gi is not None and gi.requires_grad]
-        cols = []
-        for k in range(Vs[0].shape[0]):
-            (jv,) = torch.autograd.grad([p[0] for p in pairs], u, [p[1][k] for p in pairs],
-                                        retain_graph=True, allow_unused=True)
-            cols.append(torch.zeros_like(out) if jv is None else jv)
-    return torch.stack(cols).detach()
+_jvp_by_double_vjp = _autodiff.jvp_by_double_vjp  # old name

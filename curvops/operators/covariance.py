@@ -7,9 +7,10 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import grad, vmap
 
-from ..objective import Batch, Objective, _tree_map
+from ..objective import Batch, Objective, _tree_leaves, _tree_map
+from . import _autodiff
 from . import tags as _tags
 from ._curvature import join_columns, make_objective, split_columns
 from .base import Operator
@@ -145,7 +146,9 @@ class GradientCovariance(Operator):
         self.subset_mask = mask
         self.classes = None if classes is None else _class_tensor(classes).to(obj.device)
         self.max_columns = max_columns
-        self._mean: tuple | None = None  # (state versions, μ [P])
+        self._mean: tuple | None = None  # (state stamp, μ [P])
+        #: the kernel of the last product (forward mode or the double-VJP fallback)
+        self.last_path: str | None = None
 
     # ---- the per-sample function and the kept samples ---------------------------------------
     def _per_sample(self, batch: Batch) -> Callable:
@@ -242,8 +245,8 @@ class GradientCovariance(Operator):
                 offset += batch.n
                 if kept is None:
                     continue
-                _, vjp_fn = vjp(self._per_sample(kept), *obj.theta())
-                for a, r in zip(acc, vjp_fn(w)):
+                pull = _autodiff.Pullback(obj, self._per_sample(kept), obj.theta())
+                for a, r in zip(acc, pull(w)):
                     a.add_(r)
                 total += float(w.sum())
         self._check_total(total)
@@ -264,11 +267,11 @@ class GradientCovariance(Operator):
                 if kept is None:
                     continue
                 fn, theta = self._per_sample(kept), tuple(obj.theta())
-                _, vjp_fn = vjp(fn, *theta)
+                pull = _autodiff.Pullback(obj, fn, theta)
                 for s, Vs in zip(starts, chunks):
                     k = Vs[0].shape[0]
-                    S = _jvp_columns(fn, theta, Vs)  # [k, n]: ⟨∇g_i, v⟩
-                    res = _vjp_columns(vjp_fn, w[None] * S)
+                    S, self.last_path = _autodiff.jvp_columns(obj, fn, theta, Vs)  # [k, n]: ⟨∇g_i, v⟩
+                    res = pull.columns(w[None] * S)
                     for a, r in zip(acc, res):
                         a[s:s + k].add_(r)
                 total += float(w.sum())
@@ -325,10 +328,19 @@ class GradientCovariance(Operator):
                         self._per_sample(kept)(*theta)
                 y_dims = None if kept.y is None else 0
                 per_sample = vmap(grad(one), in_dims=(None, 0, y_dims), randomness=randomness)
+                if not _autodiff.functorch_ok(obj):
+                    per_sample = _loop_grad(one)
                 for s in range(0, kept.n, c):
                     x = _tree_map(lambda t: t[s:s + c], kept.x)
                     y = None if kept.y is None else _tree_map(lambda t: t[s:s + c], kept.y)
-                    parts = per_sample(theta, x, y)
+                    try:
+                        parts = per_sample(theta, x, y)
+                    except RuntimeError as err:  # torch.func refuses the model: one sample at a time
+                        if not _autodiff.refuses_functorch(err):
+                            raise
+                        _autodiff.note(obj, "functorch", False)
+                        per_sample = _loop_grad(one)
+                        parts = per_sample(theta, x, y)
                     n = parts[0].shape[0]
                     G = torch.cat([p.reshape(n, -1) for p in parts], dim=1)
                     consume(G, w[s:s + c])
@@ -449,7 +461,7 @@ class GradientFactor(Operator):
             for kept, rows in self._batches():
                 fn = cov._per_sample(kept)
                 for s, Vs in zip(starts, chunks):
-                    out[rows, s:s + Vs[0].shape[0]] = _jvp_columns(fn, theta, Vs).T
+                    out[rows, s:s + Vs[0].shape[0]] = _autodiff.jvp_columns(obj, fn, theta, Vs)[0].T
         mu = self.mean()
         if mu is not None:
             out -= (mu @ V)[None]
@@ -461,10 +473,10 @@ class GradientFactor(Operator):
         with obj.session():
             theta = tuple(obj.theta())
             for kept, rows in self._batches():
-                _, vjp_fn = vjp(cov._per_sample(kept), *theta)
+                pull = _autodiff.Pullback(obj, cov._per_sample(kept), theta)
                 for s in range(0, K, self.max_columns):
                     cot = U[rows, s:s + self.max_columns].T.contiguous()  # [k, n]
-                    for a, r in zip(acc, _vjp_columns(vjp_fn, cot)):
+                    for a, r in zip(acc, pull.columns(cot)):
                         a[s:s + cot.shape[0]].add_(r)
         return join_columns(acc, K)
 
@@ -477,16 +489,19 @@ class GradientFactor(Operator):
         return out
 
 
-def _jvp_columns(fn: Callable, theta: Sequence[Tensor], Vs: list[Tensor]) -> Tensor:
-    """[k, n] forward-mode products ⟨∇g_i, v_j⟩ for k stacked parameter-shaped tangents."""
-    theta = tuple(theta)
-    if Vs[0].shape[0] == 1:
-        return jvp(fn, theta, tuple(v[0] for v in Vs))[1][None]
-    return vmap(lambda *v: jvp(fn, theta, v)[1])(*Vs)
+def _loop_grad(one: Callable) -> Callable:
+    """``vmap(grad(one))`` by plain autograd, one sample at a time (models torch.func refuses)."""
+    def per_sample(theta, x, y):
+        rows = []
+        n = _tree_leaves(x)[0].shape[0]
+        for i in range(n):
+            th = [t.detach().requires_grad_() for t in theta]
+            xi = _tree_map(lambda t: t[i], x)
+            yi = None if y is None else _tree_map(lambda t: t[i], y)
+            with torch.enable_grad():
+                value = one(th, xi, yi)
+                grads = torch.autograd.grad(value, th, allow_unused=True)
+            rows.append([torch.zeros_like(t) if g is None else g for g, t in zip(grads, th)])
+        return [torch.stack(parts) for parts in zip(*rows)]
 
-
-def _vjp_columns(vjp_fn: Callable, cotangents: Tensor) -> list[Tensor]:
-    """Per-parameter [k, *shape] reverse-mode products for k cotangent rows [k, n]."""
-    if cotangents.shape[0] == 1:
-        return [r[None] for r in vjp_fn(cotangents[0])]
-    return list(vmap(vjp_fn)(cotangents))
+    return per_sample

@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
 from ..objective import Batch, Objective
+from . import _autodiff
 from ._curvature import join_columns, split_columns
 from ._taps import resolve_modules, tapped
 from .base import Operator
@@ -48,6 +49,9 @@ class Jacobian(Operator):
 
     **Cost**: ``J @ V``: one pass, a forward-mode product per column (vmapped); ``J.T @ W``: one
     pass, a VJP per column (vmapped). Construction runs the model on one sample to learn shapes.
+    A model without forward mode for some layer gets ``J @ V`` by the double-VJP trick (two
+    reverse passes); one with a legacy ``autograd.Function`` runs on plain ``torch.autograd``;
+    ``last_path`` says which ran.
 
     **Tags**: none.
 
@@ -82,6 +86,8 @@ class Jacobian(Operator):
             D = int(var[0].numel())
         self.D = D
         self.N = obj.num_samples()
+        #: which kernel ran in the last product (forward mode or the double-VJP fallback; torch.func or autograd)
+        self.last_path: str | None = None
         cols = D if wrt == "params" else self.N * D
         super().__init__((self.N * self.C, cols), obj.dtype, obj.device,
                          domain=obj.layout if wrt == "params" else None)
@@ -129,7 +135,7 @@ class Jacobian(Operator):
                     else:
                         block = V[offset * self.D:(offset + batch.n) * self.D, s:e]
                         tangents = [block.T.reshape(e - s, batch.n, *self.var_shape)]
-                    JV = _jvp_columns(g, primals, tangents)
+                    JV, self.last_path = _autodiff.jvp_columns(obj, g, primals, tangents)
                     out[rows, s:e] = JV.reshape(e - s, -1).T
                 offset += batch.n
         return out
@@ -145,10 +151,11 @@ class Jacobian(Operator):
             for batch in obj.batches():
                 g, primals = self._function(batch)
                 rows = W[offset * self.C:(offset + batch.n) * self.C]
-                _, vjp_fn = vjp(g, *primals)
+                pull = _autodiff.Pullback(obj, g, primals)
+                self.last_path = "reverse mode (" + ("torch.func" if pull.functorch else "torch.autograd") + ")"
                 for s, e in self._chunks(K):
                     cot = rows[:, s:e].T.reshape(e - s, batch.n, *(() if self.output_reduction else self.out_shape))
-                    res = vmap(vjp_fn)(cot) if e - s > 1 else [r[None] for r in vjp_fn(cot[0])]
+                    res = pull.columns(cot)
                     if self.wrt == "params":
                         for a, r in zip(acc, res):
                             a[s:e].add_(r)

@@ -60,6 +60,9 @@ class NTK(Operator):
 
     def _features(self):
         """(feats1, feats2) for the current parameters, or (None, None) when not factorizable."""
+        from ._autodiff import functorch_ok
+        if not functorch_ok(self.objective):
+            return None, None
         obj = self.objective
         if self._cached is not None and obj.state_matches(self._cached[0]):
             return self._cached[1], self._cached[2]
@@ -68,6 +71,12 @@ class NTK(Operator):
             f1 = _features(self.J1, self.memory_budget)
             f2 = f1 if (f1 is None or self.J2 is self.J1) else _features(self.J2, self.memory_budget)
         except _NotFactorizable:
+            f1 = f2 = None
+        except RuntimeError as err:  # torch.func refuses the model (a legacy autograd.Function): matrix-free
+            from ._autodiff import note, refuses_functorch
+            if not refuses_functorch(err):
+                raise
+            note(obj, "functorch", False)
             f1 = f2 = None
         if f2 is None:
             f1 = None
