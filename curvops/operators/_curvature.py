@@ -92,7 +92,9 @@ class CurvatureOperator(Operator):
         chunks = [split_columns(obj, V[:, s:s + self.max_columns]) for s in starts]
         # The accumulator lives in parameter form [K, *shape]; it is joined to [P, K] once at the end
         # (no per-batch copies of the whole block).
-        acc = [torch.zeros(K, *shape, dtype=V.dtype, device=V.device) for shape in obj.layout.shapes]
+        # bf16/fp16 models: each batch term in the model's precision, the sum over batches in float32
+        acc_dtype = torch.float32 if V.dtype in (torch.bfloat16, torch.float16) else V.dtype
+        acc = [torch.zeros(K, *shape, dtype=acc_dtype, device=V.device) for shape in obj.layout.shapes]
         total = 0.0
         with obj.session():
             for batch in obj.batches():
@@ -104,7 +106,7 @@ class CurvatureOperator(Operator):
                     self._batch_accumulate(batch, Vs, state, [a[s:s + Vs[0].shape[0]] for a in acc], weight)
                 total += weight
                 del state
-        return obj.normalize(join_columns(acc, K), total)
+        return obj.normalize(join_columns(acc, K), total).to(V.dtype)
 
 
 def output_space(objective: Objective, batch: Batch, theta: Sequence[Tensor], Vs: list[Tensor],
