@@ -124,7 +124,8 @@ def dense_ggn(name):
 @lru_cache(maxsize=None)
 def dense_fisher(name):
     """The exact Fisher from its closed form per likelihood (not from the loss Hessian):
-    softmax: Σ_counted J_tᵀ (diag p − p pᵀ) J_t / D; Gaussian (MSE): 2 JᵀJ / numel; Bernoulli: Jᵀ diag(s(1−s)) J / numel."""
+    softmax: Σ_counted J_tᵀ (diag p − p pᵀ) J_t / D; Gaussian (MSE): 2 JᵀJ / numel;
+    Bernoulli: Jᵀ diag(s(1−s)) J / numel."""
     case, _, _, _, Y = setup(name)
     out, J = outputs(name), dense_jacobian(name)
     P = J.shape[1]
@@ -418,6 +419,18 @@ def test_the_zoo_has_what_makes_these_models_hard():
         torch.func.jvp(lambda p: functional_call(legacy, p, (x,)), (params,), (params,))
     bn = [m for m in pristine("resnet_bn").modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bn and not any(m.training for m in bn) and all(float(m.running_var.min()) > 0.5 for m in bn)
+
+
+def test_t5_batches_are_what_the_model_makes_from_labels():
+    """T5's dict batch carries decoder_input_ids (labels shifted right behind the start token, as
+    the model derives them when given labels alone): the model's own loss from labels alone is the
+    same, so "token_cross_entropy" on the decoder logits is the user's loss."""
+    model, batch = pristine("t5"), concat(CASES["t5"].batches())
+    torch.testing.assert_close(model._shift_right(batch["labels"]), batch["decoder_input_ids"], rtol=0, atol=0)
+    with torch.no_grad():
+        own = float(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          labels=batch["labels"]).loss)
+    assert abs(own - float(whole_loss("t5")(setup("t5")[2].theta))) <= 1e-12 * own
 
 
 def test_stock_llama_with_float32_rms_norm():
