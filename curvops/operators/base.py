@@ -308,4 +308,7 @@ class Operator(spla.LinearOperator):
 
     def __repr__(self) -> str:
         tags = ",".join(sorted(self.tags)) or "-"
-        return f"<{type(self).__name__} {self.shape[0]}×{self.shape[1]} {self.torch_dtype} on {self.device} tags={tags}>"
+        path = getattr(self, "last_path", None)  # the kernel of the last product, where an operator records it
+        path = f" last_path={path!r}" if path else ""
+        return (f"<{type(self).__name__} {self.shape[0]}×{self.shape[1]} {self.torch_dtype} on {self.device} "
+                f"tags={tags}{path}>")
