@@ -146,8 +146,8 @@ def _apply_features(f1: "_Features", f2: "_Features", V: Tensor, C: int) -> Tens
         if has_w:
             GW = U.permute(1, 2, 0) @ a2  # Jᵂᵀ V as K weight gradients [K, d_out, d_in]
             term = (a1 @ GW.transpose(1, 2)).permute(1, 0, 2)  # G a_i: [N1, K, d_out]
-        if has_b:
-            term = term + U.sum(0)[None]  # bias gradient Σ_j U_j, the same for every sample
+        if has_b:  # bias gradient Σ_j U_j, the same for every sample
+            term = term + U.sum(0)[None].expand(d1.shape[0], -1, -1)
         r = torch.bmm(d1, term.transpose(1, 2)).reshape(-1, K)  # δ_ic · (…): [N1·C, K]
         out = r if out is None else out + r
     if f1.rest is not None:
@@ -260,6 +260,7 @@ def _features(J: Jacobian, budget: int) -> "_Features | None":
                 for name, d in zip(names, d_res):
                     store[name][0].append(inputs[name].detach())
                     store[name][1].append(d.movedim(0, 1).detach())  # [n, C, d_out]
+                _check_factorization(J, batch, theta, index, plan, inputs, d_res)
             if rest:  # shared parameters: one cotangent per row (i, c) of the batch
                 _, vjp_r = vjp(lambda *rv: g([deltas0[n] for n in names], rv),
                                *[theta[index[n]] for n in rest])
@@ -274,3 +275,39 @@ def _features(J: Jacobian, budget: int) -> "_Features | None":
         feats.layers[name] = (a, d, w is not None, b is not None)
     feats.rest = torch.cat(rest_rows) if rest else None
     return feats
+
+
+def _check_factorization(J: Jacobian, batch, theta, index: dict, plan: dict, inputs: dict, d_res) -> None:
+    """One VJP with a seeded random cotangent r confirms that the layers' features give the whole
+    gradient of their parameters: Σ_ic r_ic ∂f_ic/∂W = Σ_i (Σ_c r_ic δ_ic) a_iᵀ.  A weight also used
+    outside its module (tied transposed, ``F.linear(h, m.weight.t())``) breaks that identity, and
+    then the kernel is computed matrix-free instead."""
+    from torch.func import vjp
+
+    obj = J.objective
+    sel = [p for name in plan for p in plan[name] if p is not None]
+    gen = torch.Generator(device=obj.device).manual_seed(0)
+    r = torch.randn(batch.n, *J.out_shape, generator=gen, dtype=obj.dtype, device=obj.device)
+
+    def f(*vals):
+        th = list(theta)
+        for n, v in zip(sel, vals):
+            th[index[n]] = v
+        return J._reduce_output(obj.forward(th, batch.x))
+
+    _, pull = vjp(f, *[theta[index[n]] for n in sel])
+    actual = dict(zip(sel, pull(r)))
+    rr = r.reshape(batch.n, -1)  # [n, C]
+    tol = torch.finfo(obj.dtype).eps ** 0.5
+    for name, d in zip(plan, d_res):
+        s = torch.einsum("nc,cnd->nd", rr, d)  # Σ_c r_ic δ_ic: [n, d_out]
+        w, b = plan[name]
+        pred = {}
+        if w is not None:
+            pred[w] = s.T @ inputs[name].detach()
+        if b is not None:
+            pred[b] = s.sum(0)
+        for n, want in pred.items():
+            got = actual[n]
+            if float((got - want).norm()) > tol * (float(got.norm()) + float(want.norm()) + 1e-300):
+                raise _NotFactorizable(f"{n} is used outside its module")
