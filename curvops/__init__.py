@@ -16,8 +16,9 @@ from .operators import (
     ActivationHessian, CrossHessian, GradientCovariance, GradientFactor, HessianResidual, OutputHessian, submatrix,
     GGN, PSD, SYMMETRIC, Dense, DeterminismReport, Diagonal, EmpiricalFisher, Fisher, Hessian, Identity,
     Jacobian, NTK, LowRank, Operator, ParamLayout, as_operator, block_diag, check_deterministic, func_operator, restrict, tag,
-    HypergradientResult, MixedDerivative, ParameterHessian, ResponseJacobian, StationarityWarning, hypergradient,
+    MixedDerivative, ParameterHessian,
 )
+from .analysis.response import HypergradientResult, ResponseJacobian, StationarityWarning, hypergradient
 
 __version__ = "0.1.0"
 

@@ -9,10 +9,9 @@ from torch.func import functional_call, jacrev
 
 from curvops.analysis.quadratic import QuadraticModel
 from curvops.linalg.solve import ConvergenceError, ConvergenceWarning
-from curvops.operators import response as response_mod
-from curvops.operators.response import (
-    MixedDerivative, ParameterHessian, ResponseJacobian, StationarityWarning, hypergradient,
-)
+from curvops.analysis.response import ResponseJacobian, StationarityWarning, hypergradient
+from curvops.operators import _bilevel as response_mod  # where the columns are vmapped
+from curvops.operators.mixed import MixedDerivative, ParameterHessian
 from curvops.testing import contract
 
 D = torch.float64

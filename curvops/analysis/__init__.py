@@ -8,6 +8,7 @@ from .active_subspace import (
 from .averages import SubsetOperators, across_checkpoints, across_models, average, per_subset
 from .decompose import NMFResult, PCAResult, nmf, pca
 from .landscape import LandscapeResult, activation_along, filter_normalize, loss_along, loss_plane, random_direction
+from .response import HypergradientResult, ResponseJacobian, StationarityWarning, hypergradient
 from .quadratic import QuadraticModel, QuadraticStability, QuadraticStationaryPoints
 from .stationary import StationaryPointResult, classify_stationary_point
 from .track import TrackResult, track
@@ -17,4 +18,5 @@ __all__ = ["StationaryPointResult", "classify_stationary_point", "QuadraticModel
            "random_direction", "filter_normalize", "per_subset", "average", "across_models",
            "across_checkpoints", "SubsetOperators", "track", "TrackResult", "pca", "PCAResult", "nmf", "NMFResult",
            "active_subspace", "active_subspace_convergence", "per_sample_gradients", "subspace_distance",
-           "subspace_distances", "ActiveSubspaceResult", "ActiveSubspaceConvergence"]
+           "subspace_distances", "ActiveSubspaceResult", "ActiveSubspaceConvergence",
+           "ResponseJacobian", "hypergradient", "HypergradientResult", "StationarityWarning"]

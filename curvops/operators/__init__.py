@@ -13,15 +13,12 @@ from .ggn import GGN
 from .hessian import Hessian
 from .jacobian import Jacobian
 from .ntk import NTK
-from .response import (
-    HypergradientResult, MixedDerivative, ParameterHessian, ResponseJacobian, StationarityWarning, hypergradient,
-)
+from .mixed import MixedDerivative, ParameterHessian
 from .tags import PSD, SYMMETRIC
 
 __all__ = [
     "Operator", "ParamLayout", "as_operator", "block_diag", "func_operator", "restrict", "tag",
     "Dense", "Diagonal", "Identity", "LowRank", "Hessian", "GGN", "Fisher", "EmpiricalFisher",
     "Jacobian", "NTK", "GradientCovariance", "GradientFactor", "ActivationHessian", "OutputHessian", "HessianResidual", "CrossHessian", "submatrix", "check_deterministic", "DeterminismReport", "PSD", "SYMMETRIC",
-    "ResponseJacobian", "MixedDerivative", "ParameterHessian", "hypergradient", "HypergradientResult",
-    "StationarityWarning",
+    "MixedDerivative", "ParameterHessian",
 ]
