@@ -17,6 +17,7 @@ of an operator must see the same batches, or the products are not one matrix.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -166,3 +167,25 @@ def _split_checked(x, y, batch_size) -> SplitBatches:
     if split.n == 0:
         raise ValueError("Objective: the data is empty (0 samples).")
     return split
+
+
+def dict_style_for(model, keys: frozenset) -> str:
+    """How ``call='auto'`` passes dict inputs with these keys to ``model.forward``."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return "kwargs"
+    params = list(sig.parameters.values())
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return "kwargs"
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if keys <= named:
+        return "kwargs"
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    if len(required) <= 1 and positional:
+        return "positional"
+    raise TypeError(
+        f"Objective: dict inputs with keys {sorted(map(str, keys))} fit neither model(**inputs) nor model(inputs) "
+        f"for forward{sig}. Pass call='kwargs' or call='positional'."
+    )
