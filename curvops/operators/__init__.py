@@ -1,7 +1,8 @@
 """Lazy operators: the protocol, the algebra, helpers and the curvature matrices."""
 
 from .activation import ActivationHessian
-from .covariance import GradientCovariance, GradientFactor
+from .covariance import GradientCovariance
+from .gradient_factor import GradientFactor
 from .blocks import CrossHessian, submatrix
 from .output_hessian import HessianResidual, OutputHessian
 from .algebra import as_operator, block_diag, func_operator, restrict, tag

@@ -7,6 +7,7 @@ Shape, dtype and device mismatches raise when the composite is built.
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import tags as _tags
-from .base import Operator, ParamLayout
+from .base import Operator, ParamLayout, register_algebra
 
 
 def _check_compatible(api: str, ops: Sequence[Operator]) -> None:
@@ -322,3 +323,6 @@ def func_operator(
             return rmatmat(W)
 
     return _Func(shape, dtype, device, tags=tags)
+
+
+register_algebra(sys.modules[__name__])  # the protocol's operators (+, *, @, .T) use these rules

@@ -25,6 +25,21 @@ from . import tags as _tags
 #: default refusal threshold of :meth:`Operator.to_dense` (entries).
 MAX_DENSE_ENTRIES = 2**26
 
+#: the composition rules (sum, scale, product, adjoint): :mod:`curvops.operators.algebra` builds on
+#: this protocol and registers itself here when the package is imported, so the protocol never
+#: imports the algebra (no cycle between the two).
+_ALGEBRA = None
+
+
+def register_algebra(module) -> None:
+    global _ALGEBRA
+    _ALGEBRA = module
+
+
+def _algebra():
+    assert _ALGEBRA is not None, "curvops.operators.algebra registers itself when curvops.operators is imported"
+    return _ALGEBRA
+
 
 class Operator(spla.LinearOperator):
     r"""Lazy real matrix $A \in \mathbb{R}^{M \times N}$ defined by its products.
@@ -197,7 +212,7 @@ class Operator(spla.LinearOperator):
 
     # ---- algebra -------------------------------------------------------------------
     def dot(self, x):
-        from . import algebra
+        algebra = _algebra()
 
         if isinstance(x, spla.LinearOperator):
             return algebra.product(self, algebra.as_operator(x, like=self))
@@ -211,7 +226,7 @@ class Operator(spla.LinearOperator):
         return self.dot(x)
 
     def __rmatmul__(self, x):
-        from . import algebra
+        algebra = _algebra()
 
         if isinstance(x, spla.LinearOperator):
             return algebra.product(algebra.as_operator(x, like=self), self)
@@ -224,14 +239,14 @@ class Operator(spla.LinearOperator):
         return self.dot(x)
 
     def __rmul__(self, x):
-        from . import algebra
+        algebra = _algebra()
 
         if np.isscalar(x) or (isinstance(x, Tensor) and x.dim() == 0):
             return algebra.scale(self, float(x))
         return NotImplemented
 
     def __truediv__(self, c):
-        from . import algebra
+        algebra = _algebra()
 
         if not (np.isscalar(c) or (isinstance(c, Tensor) and c.dim() == 0)):
             raise TypeError(f"{type(self).__name__} / c: expected a scalar, got {type(c).__name__}.")
@@ -240,12 +255,12 @@ class Operator(spla.LinearOperator):
         return algebra.scale(self, 1.0 / float(c))
 
     def __neg__(self):
-        from . import algebra
+        algebra = _algebra()
 
         return algebra.scale(self, -1.0)
 
     def __add__(self, other):
-        from . import algebra
+        algebra = _algebra()
 
         if isinstance(other, spla.LinearOperator):
             return algebra.add(self, algebra.as_operator(other, like=self))
@@ -254,21 +269,21 @@ class Operator(spla.LinearOperator):
     __radd__ = __add__
 
     def __sub__(self, other):
-        from . import algebra
+        algebra = _algebra()
 
         if isinstance(other, spla.LinearOperator):
             return algebra.add(self, algebra.scale(algebra.as_operator(other, like=self), -1.0))
         return NotImplemented
 
     def __pow__(self, p):
-        from . import algebra
+        algebra = _algebra()
 
         if not isinstance(p, int) or p < 1:
             raise ValueError(f"{type(self).__name__} ** p: expected a positive integer power, got {p!r}.")
         return algebra.product(*([self] * p))
 
     def _adjoint(self):
-        from . import algebra
+        algebra = _algebra()
 
         return algebra.adjoint(self)
 

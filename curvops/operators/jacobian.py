@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vjp, vmap
+from torch.func import jvp, vmap
 
 from ..objective import Batch, Objective
 from . import _autodiff
