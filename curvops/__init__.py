@@ -9,7 +9,7 @@ from .analysis import (
 )
 from .linalg import (
     cond, diagonal, eigsh, nuclear_norm, frobenius_norm, inverse, logdet, nystrom, randomized_svd, rank, solve,
-    spectral_density, spectral_norm, trace,
+    spectral_density, spectral_norm, svds, trace,
 )
 from .objective import Objective
 from .operators import (
@@ -23,7 +23,7 @@ from .analysis.response import HypergradientResult, ResponseJacobian, Stationari
 __version__ = "0.1.0"
 
 __all__ = [
-    "linalg", "eigsh", "spectral_density", "logdet", "trace", "frobenius_norm", "diagonal", "randomized_svd",
+    "linalg", "eigsh", "svds", "spectral_density", "logdet", "trace", "frobenius_norm", "diagonal", "randomized_svd",
     "nystrom", "solve", "inverse", "rank", "cond", "spectral_norm", "nuclear_norm", "classify_stationary_point",
     "StationaryPointResult", "analysis", "QuadraticModel", "LandscapeResult", "loss_along", "loss_plane",
     "activation_along", "random_direction", "per_subset", "across_models", "across_checkpoints", "track",

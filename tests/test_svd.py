@@ -1,11 +1,14 @@
-"""Randomized SVD and Nyström: exact cases, accuracy against dense factorizations, bad input."""
+"""Randomized SVD, Nyström and svds: exact cases, accuracy against dense factorizations and scipy, bad input."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import scipy.sparse.linalg as spla
 import torch
 
 import curvops
+from curvops.linalg import svds
 from curvops.linalg.svd import nystrom, randomized_svd
 from curvops.testing.spectra import gen
 
@@ -138,3 +141,128 @@ def test_on_gpu():
     A = J.T @ J
     ny = nystrom(curvops.Dense(A, tags=("psd",)), 3, generator=torch.Generator(device="cuda").manual_seed(0))
     torch.testing.assert_close(ny.operator.to_dense(), A, rtol=1e-9, atol=1e-10)
+
+
+# ---- svds: the k largest singular triplets, against scipy.sparse.linalg.svds on the dense matrix -----
+def scipy_svds(dense: torch.Tensor, k: int):
+    """scipy's reference (ARPACK to machine precision), ascending like ours."""
+    u, s, vt = spla.svds(dense.numpy(), k=k, tol=0, random_state=np.random.default_rng(0))
+    order = np.argsort(s)
+    return (torch.from_numpy(u[:, order].copy()), torch.from_numpy(s[order].copy()),
+            torch.from_numpy(vt[order].T.copy()))
+
+
+def assert_matches_scipy(res, dense: torch.Tensor, k: int, rtol: float, align: float):
+    U_ref, S_ref, V_ref = scipy_svds(dense, k)
+    torch.testing.assert_close(S_ref, torch.linalg.svdvals(dense)[:k].flip(0), rtol=1e-12, atol=0)  # the oracle
+    torch.testing.assert_close(res.S, S_ref, rtol=rtol, atol=0)
+    for X, X_ref in ((res.U, U_ref), (res.V, V_ref)):  # vectors up to sign
+        cos = (X * X_ref).sum(0).abs()
+        assert float((1 - cos).abs().max()) <= align, cos
+    torch.testing.assert_close(res.U.T @ res.U, torch.eye(k, dtype=DT), rtol=0, atol=1e-12)
+    torch.testing.assert_close(res.V.T @ res.V, torch.eye(k, dtype=DT), rtol=0, atol=1e-12)
+    torch.testing.assert_close(dense @ res.V, res.U * res.S, rtol=0, atol=10 * float(res.residuals.max()) + 1e-12)
+
+
+@pytest.mark.parametrize("shape", [(120, 50), (50, 120)])
+def test_svds_lanczos_matches_scipy_on_a_random_matrix(shape):
+    dense = torch.randn(*shape, generator=gen(11), dtype=DT)
+    op, calls = counting(dense)
+    res = svds(op, k=5, tol=1e-10, generator=gen(2))
+    # Target: top-5 σ of a flat (Gaussian) spectrum to 1e-10 relative, vectors to 1e-10 in cos.
+    assert res.converged and res.method == "lanczos"
+    assert_matches_scipy(res, dense, 5, rtol=1e-10, align=1e-10)
+    assert bool((res.residuals <= 1e-10 * res.S).all())
+    assert res.num_matvecs == 2 * res.iterations == sum(k for _, k in calls)
+    assert [side for side, _ in calls[:4]] == ["A", "A.T", "A", "A.T"]
+
+
+def test_svds_lanczos_restarts_and_reproducible():
+    dense = torch.randn(200, 150, generator=gen(12), dtype=DT)
+    a = svds(dense, k=4, ncv=10, tol=1e-9, generator=gen(3))  # basis of 10: many thick restarts
+    b = svds(dense, k=4, ncv=10, tol=1e-9, generator=gen(3))
+    assert a.converged and a.iterations > 10
+    assert_matches_scipy(a, dense, 4, rtol=1e-9, align=1e-8)
+    assert torch.equal(a.S, b.S) and torch.equal(a.U, b.U)
+
+
+def test_svds_lanczos_exact_low_rank():
+    J = with_singular_values(80, 60, torch.tensor([5.0, 2.0, 1.0], dtype=DT), seed=5)
+    res = svds(J, k=3, generator=gen(4))
+    assert res.converged
+    torch.testing.assert_close(res.S, torch.tensor([1.0, 2.0, 5.0], dtype=DT), rtol=1e-12, atol=0)
+    torch.testing.assert_close(res.operator.to_dense(), J, rtol=0, atol=1e-12)
+
+
+def test_svds_randomized_matches_scipy():
+    s = 0.5 ** torch.arange(40, dtype=DT)
+    dense = with_singular_values(150, 40, s, seed=6)
+    op, calls = counting(dense)
+    res = svds(op, k=5, method="randomized", oversample=8, power_iters=2, generator=gen(5))
+    # Fast decay: σ₁₄/σ₅ = 2⁻⁹, so two power iterations give the top 5 to ~1e-13.
+    assert res.converged and res.method == "randomized"
+    assert_matches_scipy(res, dense, 5, rtol=1e-10, align=1e-10)
+    assert res.num_matvecs == 13 * 6 + 2 * 5 == sum(k for _, k in calls)
+
+
+def test_svds_randomized_reports_unconverged_on_a_flat_spectrum():
+    dense = torch.randn(120, 50, generator=gen(13), dtype=DT)
+    res = svds(dense, k=5, method="randomized", oversample=2, power_iters=0, tol=1e-8, generator=gen(1))
+    assert not res.converged and bool((res.residuals > 1e-8 * res.S).any())
+
+
+@pytest.mark.parametrize("method", ["lanczos", "randomized"])
+def test_svds_of_a_jacobian(method):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).to(DT)
+    X = torch.randn(20, 3, generator=gen(4), dtype=DT)
+    J = curvops.Jacobian(model, X)  # 40 × 50
+    dense = J.to_dense()
+    res = svds(J, k=4, method=method, tol=1e-10, power_iters=6, generator=gen(7))
+    assert res.converged
+    assert_matches_scipy(res, dense, 4, rtol=1e-10, align=1e-9)
+
+
+def test_svds_public_and_without_vectors():
+    assert curvops.svds is svds and curvops.linalg.svds is svds
+    dense = torch.randn(60, 30, generator=gen(14), dtype=DT)
+    res = svds(dense, k=3, return_singular_vectors=False, generator=gen())
+    assert res.U is None and res.V is None
+    torch.testing.assert_close(res.S, torch.linalg.svdvals(dense)[:3].flip(0), rtol=1e-8, atol=0)
+    with pytest.raises(ValueError, match="expected singular vectors"):
+        res.operator
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(k=0), ValueError, r"svds\(lanczos\): expected 1 ≤ k < min\(M, N\) = 8, got k=0"),
+    (dict(k=8), ValueError, r"expected 1 ≤ k < min\(M, N\) = 8, got k=8"),
+    (dict(k=9, method="randomized"), ValueError, r"svds\(randomized\): expected 1 ≤ k ≤ min\(M, N\) = 8"),
+    (dict(k=2.0), TypeError, r"expected an integer k, got float 2.0. Pass k=2"),
+    (dict(method="arpack"), ValueError, r"svds: expected method in \('lanczos', 'randomized'\)"),
+    (dict(tol=-1.0), ValueError, r"expected a finite tol ≥ 0"),
+    (dict(tol="small"), TypeError, r"expected a real number for tol"),
+    (dict(k=3, ncv=3), ValueError, r"expected k \+ 1 = 4 ≤ ncv ≤ min\(M, N\) = 8, got ncv=3"),
+    (dict(max_iters=0), ValueError, r"max_iters ≥ 1"),
+    (dict(generator="seed"), TypeError, r"expected a torch.Generator, an int seed or None"),
+    (dict(return_singular_vectors=1), TypeError, r"expected True or False for return_singular_vectors"),
+    (dict(v0=torch.ones(7, dtype=DT)), ValueError, r"expected v0 of shape \[8\]"),
+    (dict(v0=torch.zeros(8, dtype=DT)), ValueError, r"expected a finite, nonzero v0"),
+    (dict(v0=torch.ones(8, dtype=DT), method="randomized"), ValueError, r"expected v0=None"),
+    (dict(oversample=-1, method="randomized"), ValueError, r"oversample ≥ 0"),
+])
+def test_svds_argument_errors_before_any_product(kwargs, error, match):
+    op, calls = counting(torch.randn(12, 8, generator=gen(), dtype=DT))
+    kwargs = {"k": 2, **kwargs}
+    with pytest.raises(error, match=match):
+        svds(op, **kwargs)
+    assert calls == []
+
+
+def test_svds_non_finite_product_names_the_step():
+    def mm(V):
+        out = torch.ones(10, V.shape[1], dtype=DT)
+        out[0] = float("nan")
+        return out
+
+    op = curvops.func_operator((10, 6), mm, lambda W: torch.ones(6, W.shape[1], dtype=DT), dtype=DT)
+    with pytest.raises(ValueError, match=r"svds\(lanczos\): the product A @ V \(A @ v at step 1\) returned non-finite"):
+        svds(op, k=2)

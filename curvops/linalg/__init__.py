@@ -15,9 +15,10 @@ from .solve import (
 from .summaries import CondResult, NormEstimate, RankResult, cond, nuclear_norm, rank, spectral_norm
 from .svd import LowRankResult, nystrom, randomized_svd
 from .trace import NormResult, TraceResult, frobenius_norm, trace
+from .truncated_svd import SVDResult, svds
 
 __all__ = [
-    "eigsh", "lanczos", "EighResult", "LanczosDecomposition",
+    "eigsh", "lanczos", "EighResult", "LanczosDecomposition", "svds", "SVDResult",
     "spectral_density", "logdet", "DensityResult", "LogdetResult",
     "trace", "frobenius_norm", "TraceResult", "NormResult", "diagonal", "DiagonalResult",
     "randomized_svd", "nystrom", "LowRankResult",

@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from ._checks import check_choice, check_flag, check_generator, check_int, check_optional_int, check_real
-from .lanczos import as_square_operator, lanczos, random_block, small_dtype, tridiagonal
+from ._primitives import _work_dtype, as_square_operator, random_block
+from .lanczos import lanczos, tridiagonal
 
 #: entries of the (grid × nodes) kernel matrix evaluated at once
 _CHUNK = 2**22
@@ -97,7 +98,7 @@ def slq_quadrature(A, *, num_probes: int, num_steps: int, distribution: str = "r
         A, num_probes, num_steps, distribution, generator, probe_batch_size, api)
     batch = num_probes if probe_batch_size is None else probe_batch_size
     m = min(num_steps, n)
-    sdtype = small_dtype(A.device)
+    sdtype = _work_dtype(A.device)
     nodes, weights, norms = [], [], []
     probes = random_block(n, num_probes, A.torch_dtype, A.device, generator, distribution)  # same for any batching
     for start in range(0, num_probes, batch):

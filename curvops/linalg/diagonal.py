@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_choice, check_generator
-from .trace import (
+from ._primitives import (
     DISTRIBUTIONS, _blocks, _check_block_size, _check_budget, _exact_diagonal, _operator, _probes, _product,
     _safe_inverse_transpose, _work_dtype,
 )

@@ -1,4 +1,4 @@
-r"""Linear solves and lazy inverses from products: CG, MINRES, LSMR, Nyström preconditioning.
+r"""Linear solves and lazy inverses from products: the front end of CG, MINRES, LSMR.
 
 * ``"cg"``: conjugate gradients for $(A + \lambda I)x = b$ with $A + \lambda I$ positive
   definite (a GGN, a Fisher, a damped PSD operator); optional preconditioner.
@@ -20,151 +20,32 @@ References:
     Paige, Saunders (1975). *Solution of Sparse Indefinite Systems of Linear Equations*.
     Fong, Saunders (2011). *LSMR: An Iterative Algorithm for Sparse Least-Squares Problems*.
     Frangella, Tropp, Udell (2023). *Randomized Nyström Preconditioning*. SIAM J. Matrix Anal. Appl.
+
+The method kernels live in :mod:`.cg`, :mod:`.minres` and :mod:`.lsmr`, the Nyström
+preconditioner in :mod:`.preconditioners`, the result and error types in :mod:`.solve_result`;
+this module checks the input, picks the method, runs it, and wraps it as a lazy inverse.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from ..operators import Operator
 from ._checks import check_flag, check_generator, check_int, check_optional_int, check_real
-from .svd import nystrom
-from .trace import _operator, _product
+from ._primitives import _operator
+from .cg import _cg
+from .lsmr import _lsmr
+from .minres import _minres
+from .preconditioners import NystromPreconditioner, _make_preconditioner, nystrom_preconditioner  # noqa: F401
+from .solve_result import ConvergenceError, ConvergenceWarning, SolveResult
 
 SOLVE_METHODS = ("auto", "cg", "minres", "lsmr")
 
-
-class ConvergenceError(RuntimeError):
-    """An iterative solve did not reach its tolerance and the caller asked for ``strict=True``.
-
-    The :class:`SolveResult` is attached as ``.result``.
-    """
-
-    def __init__(self, message: str, result: "SolveResult | None" = None):
-        super().__init__(message)
-        self.result = result
-
-
-class ConvergenceWarning(UserWarning):
-    """A solve inside a lazy :func:`inverse` did not converge (the product is still returned)."""
-
-
-@dataclass
-class SolveResult:
-    """The outcome of :func:`solve`, with diagnostics.
-
-    Attributes:
-        x: the solution, shaped like ``b`` ([N] or [N, K]), on the operator's device.
-        converged: True when every column reached its tolerance.
-        num_matvecs: products spent (columns, with ``A`` and ``A.T`` together; the
-            preconditioner's construction included, its applications not).
-        residual_norm: the final residual norm per column (a float for a vector ``b``, a CPU
-            tensor [K] for a block): CG ``‖b − (A+λI)x‖`` and LSMR
-            ``‖[b; 0] − [A; √λ I]x‖``, both from the recurrences; MINRES the same in the
-            preconditioner's norm ``‖r‖_M`` (the 2-norm without one).
-        iterations: iterations of the (block) recurrence.
-        history: the residual norm before the first and after each iteration (for blocks,
-            the largest over the columns).
-        method: ``"cg"``, ``"minres"`` or ``"lsmr"``.
-        negative_curvature: CG only: some column met $p^\\top(A + \\lambda I)p \\le 0$ (the
-            operator is not positive definite); that column stopped at the previous iterate.
-        message: why the iteration stopped, in words.
-        info: method-specific extras (LSMR: ``normal_residual_norm`` ``‖Aᵀr − λx‖`` and
-            ``norm_A`` estimate; a preconditioner's cost ``preconditioner_matvecs``).
-    """
-
-    x: Tensor
-    converged: bool
-    num_matvecs: int
-    residual_norm: float | Tensor
-    iterations: int
-    history: list[float]
-    method: str
-    negative_curvature: bool = False
-    message: str = ""
-    info: dict = field(default_factory=dict)
-
-
-# ---- Nyström preconditioner ------------------------------------------------------------------
-class NystromPreconditioner(Operator):
-    r"""$P^{-1} = (\hat\lambda_\ell + \mu)\,U(\hat\Lambda + \mu I)^{-1}U^\top + (I - UU^\top)$.
-
-    The inverse Nyström preconditioner of Frangella, Tropp, Udell (2023) for $A + \mu I$,
-    from a rank-ℓ Nyström approximation $\hat A = U\hat\Lambda U^\top$ ($\hat\lambda_\ell$ its
-    smallest kept eigenvalue).  It approximates $(\hat\lambda_\ell + \mu)(A + \mu I)^{-1}$;
-    the scale is immaterial to CG.  Once ℓ exceeds the effective dimension of A at μ, the
-    preconditioned condition number is O(1).
-
-    **Cost** of a product: two thin products with U (no products with A).  **Tags**: symmetric, PSD.
-
-    Attributes:
-        U, eigenvalues: the Nyström factors; ``damping``: μ; ``num_matvecs``: the products
-        with A that building it took.
-    """
-
-    def __init__(self, U: Tensor, eigenvalues: Tensor, damping: float, num_matvecs: int):
-        super().__init__((U.shape[0], U.shape[0]), U.dtype, U.device, tags=("psd",))
-        self.U, self.eigenvalues, self.damping, self.num_matvecs = U, eigenvalues, float(damping), num_matvecs
-        self._scale = (eigenvalues[-1] + damping) / (eigenvalues + damping) - 1.0  # [ℓ]
-
-    def _matmat_torch(self, V: Tensor) -> Tensor:
-        return V + self.U @ (self._scale[:, None] * (self.U.T @ V))
-
-
-def nystrom_preconditioner(A, rank: int, damping: float = 0.0, *, oversample: int = 10,
-                           generator: torch.Generator | int | None = None,
-                           assume_psd: bool = False) -> NystromPreconditioner:
-    r"""The Nyström preconditioner for CG on $A + \mu I$ (``damping`` = μ), A PSD.
-
-    Builds a rank-``rank`` Nyström approximation (:func:`curvops.linalg.svd.nystrom`) and
-    returns :class:`NystromPreconditioner`, an operator approximating $(A + \mu I)^{-1}$ up to
-    a scale.  Choose ``rank`` near the effective dimension
-    $d_\mathrm{eff}(\mu) = \operatorname{tr}(A(A + \mu I)^{-1})$.
-
-    **Cost**: ``rank + oversample`` products with A, in one call.
-
-    Args:
-        A: square PSD operator (tag ``"psd"``, or ``assume_psd=True``).
-        rank: rank ℓ of the approximation.
-        damping: μ ≥ 0.
-        oversample: extra sketch columns.
-        generator: random source for the sketch: ``None``,
-            a ``torch.Generator``, or an int seed (a new generator on the operator's device,
-            seeded with it).
-        assume_psd: accept an operator without the ``"psd"`` tag.
-
-    Returns:
-        :class:`NystromPreconditioner` (symmetric, PSD).
-
-    Raises:
-        ValueError: non-PSD operator, negative damping, or ``damping == 0`` while the
-            smallest kept eigenvalue is 0 to working precision (rank above the numerical rank
-            of A: lower it or damp).
-        TypeError: an argument of the wrong kind: a count that is not an int (e.g. a float),
-            a ``generator`` that is not None, a ``torch.Generator`` or an int seed, a flag that
-            is not a bool, a tolerance that is not a real number.
-
-    References:
-        Frangella, Tropp, Udell (2023). *Randomized Nyström Preconditioning*.
-    """
-    api = "nystrom_preconditioner"
-    damping = check_real(damping, "damping", api, minimum=0.0, expected="a finite damping >= 0")
-    rank = check_int(rank, "rank", api, minimum=1, expected="1 <= rank", fix="Pass the rank of the approximation.")
-    assume_psd = check_flag(assume_psd, "assume_psd", api)
-    approx = nystrom(A, rank, oversample=oversample, generator=generator, assume_psd=assume_psd)
-    lam = approx.S
-    floor = 10 * torch.finfo(lam.dtype).eps * max(float(lam[0]), damping)
-    if float(lam[-1]) + damping <= floor:
-        raise ValueError(
-            f"{api}: the smallest of the {rank} kept eigenvalues is {float(lam[-1]):.3g} and damping is "
-            f"{damping}; the preconditioner would be singular. Lower the rank or pass damping > 0."
-        )
-    return NystromPreconditioner(approx.U, lam, damping, approx.num_matvecs)
+__all__ = ["solve", "inverse", "InverseOperator", "SolveResult", "ConvergenceError", "ConvergenceWarning",
+           "nystrom_preconditioner", "NystromPreconditioner"]
 
 
 # ---- input checks ----------------------------------------------------------------------------
@@ -232,277 +113,12 @@ def _check_x0(A, x0, K: int, vector: bool, api: str) -> Tensor | None:
     return x0[:, None] if vector else x0
 
 
-def _apply(A, damping: float, V: Tensor, api: str, where: str) -> Tensor:
-    """``(A + λI) V`` with the product checked for NaN/Inf."""
-    out = _product(A, V, api, where)
-    return out + damping * V if damping else out
-
-
-def _tolerance(bnorm: Tensor, rtol: float, atol: float) -> Tensor:
-    return torch.clamp(rtol * bnorm, min=atol)
-
-
 def _finish(x: Tensor, vector: bool, rnorm: Tensor, **kw) -> SolveResult:
     rn = rnorm.detach().cpu()
     return SolveResult(x=x[:, 0] if vector else x, residual_norm=float(rn[0]) if vector else rn, **kw)
 
 
-def _initial_residual(A, B, X0, damping, api):
-    """(X, R = B − (A + δI) X, products used): no product when starting from zero."""
-    if X0 is None:
-        return torch.zeros_like(B), B.clone(), 0
-    X = X0.clone()
-    return X, B - _apply(A, damping, X, api, "(initial residual)"), B.shape[1]
-
-
-# ---- CG ------------------------------------------------------------------------------------
-def _cg(A, B, X0, P, damping, rtol, atol, max_iters, api):
-    K = B.shape[1]
-    X, R, matvecs = _initial_residual(A, B, X0, damping, api)
-    tol = _tolerance(B.norm(dim=0), rtol, atol)
-    rnorm = R.norm(dim=0)
-    converged = rnorm <= tol
-    negative = torch.zeros(K, dtype=torch.bool, device=B.device)
-    cols = torch.nonzero(~converged).flatten()
-    history, message = [float(rnorm.max())], ""
-    Xa, Ra = X[:, cols], R[:, cols]
-    Z = Ra if P is None else P @ Ra
-    Pd, rz = Z.clone(), (Ra * Z).sum(0)
-    it = 0
-    while cols.numel() and it < max_iters:
-        it += 1
-        AP = _apply(A, damping, Pd, api, f"at iteration {it}")
-        matvecs += int(cols.numel())
-        curv = (Pd * AP).sum(0)
-        bad = ~(curv > 0)
-        alpha = torch.where(bad, torch.zeros_like(curv), rz / torch.where(bad, torch.ones_like(curv), curv))
-        Xa = Xa + alpha * Pd
-        Ra = Ra - alpha * AP
-        rn = Ra.norm(dim=0)
-        rnorm[cols] = rn
-        history.append(float(rnorm.max()))
-        done = (rn <= tol[cols]) & ~bad
-        if bool(bad.any()):
-            j = int(torch.nonzero(bad).flatten()[0])
-            negative[cols[bad]] = True
-            message = message or (
-                f"negative curvature pᵀ(A + λI)p = {float(curv[j]):.3e} <= 0 at iteration {it} "
-                f"(column {int(cols[j])}): A + λI is not positive definite; add damping or use method='minres'."
-            )
-        finished = done | bad
-        if bool(finished.any()):
-            X[:, cols[finished]] = Xa[:, finished]
-            converged[cols[done]] = True
-            keep = ~finished
-            cols, Xa, Ra, Pd, rz = cols[keep], Xa[:, keep], Ra[:, keep], Pd[:, keep], rz[keep]
-            if not cols.numel():
-                break
-        Z = Ra if P is None else P @ Ra
-        rz_new = (Ra * Z).sum(0)
-        Pd = Z + (rz_new / rz) * Pd
-        rz = rz_new
-    if cols.numel():
-        X[:, cols] = Xa
-    ok = bool(converged.all())
-    if not message:
-        message = "converged" if ok else f"reached max_iters={max_iters} with residual {float(rnorm.max()):.3e}"
-    return X, rnorm, dict(converged=ok, num_matvecs=matvecs, iterations=it, history=history, method="cg",
-                          negative_curvature=bool(negative.any()), message=message)
-
-
-# ---- MINRES ----------------------------------------------------------------------------------
-def _minres(A, B, X0, P, damping, rtol, atol, max_iters, api):
-    X, R, matvecs = _initial_residual(A, B, X0, damping, api)
-    Z = R if P is None else P @ R
-    beta = (R * Z).sum(0)
-    if bool((beta < 0).any()):
-        raise ValueError(f"{api}: the preconditioner is not positive definite (rᵀMr < 0); MINRES needs an SPD one.")
-    beta = beta.sqrt()
-    bnorm = beta if X0 is None else (B * (B if P is None else P @ B)).sum(0).clamp_min(0).sqrt()
-    tol = _tolerance(bnorm, rtol, atol)
-    rnorm = beta.clone()
-    converged = rnorm <= tol
-    cols = torch.nonzero(~converged).flatten()
-    history = [float(rnorm.max())]
-    # per-column state of the Lanczos process and the QR factorization of its tridiagonal matrix
-    Xa, r_prev, r_cur, Z = X[:, cols], R[:, cols], R[:, cols], Z[:, cols]
-    beta = beta[cols]
-    zeros = torch.zeros_like(beta)
-    beta_old, c, s, dbar, eps_, phibar = zeros, -torch.ones_like(beta), zeros, zeros, zeros, beta.clone()
-    w, w_prev = torch.zeros_like(Xa), torch.zeros_like(Xa)
-    tiny = torch.finfo(B.dtype).tiny
-    it = 0
-    while cols.numel() and it < max_iters:
-        it += 1
-        v = Z / beta
-        y = _apply(A, damping, v, api, f"at iteration {it}")
-        matvecs += int(cols.numel())
-        if it > 1:
-            y = y - (beta / beta_old) * r_prev
-        alpha = (v * y).sum(0)
-        y = y - (alpha / beta) * r_cur
-        r_prev, r_cur = r_cur, y
-        Z = y if P is None else P @ y
-        beta_old, beta = beta, (y * Z).sum(0).clamp_min(0).sqrt()
-        eps_old = eps_
-        delta = c * dbar + s * alpha
-        gbar = s * dbar - c * alpha
-        eps_, dbar = s * beta, -c * beta
-        gamma = torch.hypot(gbar, beta).clamp_min(tiny)
-        c, s = gbar / gamma, beta / gamma
-        phi, phibar = c * phibar, s * phibar
-        w_prev, w = w, (v - eps_old * w_prev - delta * w) / gamma
-        Xa = Xa + phi * w
-        rn = phibar.abs()
-        rnorm[cols] = rn
-        history.append(float(rnorm.max()))
-        done = rn <= tol[cols]
-        exhausted = beta <= tiny / torch.finfo(B.dtype).eps  # Krylov space exhausted: nothing left to add
-        finished = done | exhausted
-        if bool(finished.any()):
-            X[:, cols[finished]] = Xa[:, finished]
-            converged[cols[done]] = True
-            keep = ~finished
-            cols, Xa, r_prev, r_cur, Z, w, w_prev = (cols[keep], Xa[:, keep], r_prev[:, keep], r_cur[:, keep],
-                                                      Z[:, keep], w[:, keep], w_prev[:, keep])
-            beta, beta_old, c, s, dbar, eps_, phibar = (t[keep] for t in (beta, beta_old, c, s, dbar, eps_, phibar))
-    if cols.numel():
-        X[:, cols] = Xa
-    ok = bool(converged.all())
-    message = "converged" if ok else (
-        f"stopped after {it} iterations (max_iters={max_iters}) with residual {float(rnorm.max()):.3e} above the "
-        f"tolerance; a singular, inconsistent system has no solution (MINRES then tends to the least-squares one)")
-    return X, rnorm, dict(converged=ok, num_matvecs=matvecs, iterations=it, history=history, method="minres",
-                          message=message)
-
-
-# ---- LSMR ------------------------------------------------------------------------------------
-def _givens(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(c, s, r) with [c s; −s c] [a; b] = [r; 0], r ≥ 0 (c = 1, s = 0 when a = b = 0)."""
-    r = torch.hypot(a, b)
-    safe = torch.where(r > 0, r, torch.ones_like(r))
-    return torch.where(r > 0, a / safe, torch.ones_like(r)), b / safe, r
-
-
-def _normalize(V: Tensor) -> tuple[Tensor, Tensor]:
-    n = V.norm(dim=0)
-    return V / torch.where(n > 0, n, torch.ones_like(n)), n
-
-
-def _lsmr(A, B, X0, damping, rtol, atol, max_iters, api):
-    """LSMR (Fong & Saunders 2011) on ``min ‖Ax − b‖² + λ‖x‖²`` for every column of B."""
-    K = B.shape[1]
-    N = A.shape[1]
-    lam = math.sqrt(damping)
-    X = B.new_zeros(N, K) if X0 is None else X0.clone()
-    matvecs = 0
-    R0 = B if X0 is None else B - _product(A, X, api, "(initial residual)")
-    matvecs += 0 if X0 is None else K
-    U, beta = _normalize(R0)
-    V, alpha = _normalize(_product(A, U, api, "(initial Aᵀu)", adjoint=True))
-    matvecs += K
-    bnorm = B.norm(dim=0)
-    tol = _tolerance(bnorm, rtol, atol)
-    ones, zeros = torch.ones_like(beta), torch.zeros_like(beta)
-    # bidiagonalization + the two rotations of LSMR, and the recurrences for ‖r‖ (section 3 of the paper)
-    st = dict(alpha=alpha, zetabar=alpha * beta, alphabar=alpha, rho=ones, rhobar=ones, cbar=ones, sbar=zeros,
-              betadd=beta, betad=zeros, rhodold=ones, tautildeold=zeros, thetatilde=zeros, zeta=zeros, d=zeros,
-              normA2=alpha ** 2)
-    H, Hbar = V.clone(), torch.zeros_like(V)
-    rnorm, arnorm = beta.clone(), (alpha * beta).abs()
-    converged = (rnorm <= tol) | (arnorm == 0)
-    normA = alpha.clone()
-    cols = torch.nonzero(~converged).flatten()
-    keep_state = lambda m: {k: t[m] for k, t in st.items()}  # noqa: E731
-    st = keep_state(cols)
-    Xa, U, V, H, Hbar = X[:, cols], U[:, cols], V[:, cols], H[:, cols], Hbar[:, cols]
-    history = [float(rnorm.max())]
-    it = 0
-    while cols.numel() and it < max_iters:
-        it += 1
-        U, beta = _normalize(_product(A, V, api, f"at iteration {it}") - st["alpha"] * U)
-        V, alpha = _normalize(_product(A, U, api, f"at iteration {it}", adjoint=True) - beta * V)
-        matvecs += 2 * int(cols.numel())
-        chat, shat, alphahat = _givens(st["alphabar"], torch.full_like(beta, lam))
-        rho_old = st["rho"]
-        c, s, rho = _givens(alphahat, beta)
-        thetanew = s * alpha
-        alphabar = c * alpha
-        rhobar_old, zeta_old = st["rhobar"], st["zeta"]
-        thetabar = st["sbar"] * rho
-        cbar, sbar, rhobar = _givens(st["cbar"] * rho, thetanew)
-        zeta = cbar * st["zetabar"]
-        zetabar = -sbar * st["zetabar"]
-        Hbar = H - (thetabar * rho / (rho_old * rhobar_old)) * Hbar
-        Xa = Xa + (zeta / (rho * rhobar)) * Hbar
-        H = V - (thetanew / rho) * H
-        # ‖r_k‖ from the recurrences
-        betaacute = chat * st["betadd"]
-        betacheck = -shat * st["betadd"]
-        betahat = c * betaacute
-        betadd = -s * betaacute
-        thetatilde_old = st["thetatilde"]
-        ctildeold, stildeold, rhotildeold = _givens(st["rhodold"], thetabar)
-        thetatilde = stildeold * rhobar
-        rhodold = ctildeold * rhobar
-        betad = -stildeold * st["betad"] + ctildeold * betahat
-        tautildeold = (zeta_old - thetatilde_old * st["tautildeold"]) / rhotildeold
-        taud = (zeta - thetatilde * tautildeold) / rhodold
-        d = st["d"] + betacheck ** 2
-        rn = (d + (betad - taud) ** 2 + betadd ** 2).clamp_min(0).sqrt()
-        normA2 = st["normA2"] + beta ** 2
-        nA = normA2.sqrt()
-        normA2 = normA2 + alpha ** 2
-        arn = zetabar.abs()
-        st = dict(alpha=alpha, zetabar=zetabar, alphabar=alphabar, rho=rho, rhobar=rhobar, cbar=cbar, sbar=sbar,
-                  betadd=betadd, betad=betad, rhodold=rhodold, tautildeold=tautildeold, thetatilde=thetatilde,
-                  zeta=zeta, d=d, normA2=normA2)
-        rnorm[cols], arnorm[cols], normA[cols] = rn, arn, nA
-        history.append(float(rnorm.max()))
-        consistent = rn <= tol[cols]
-        least_squares = arn <= rtol * nA * rn
-        finished = consistent | least_squares | (alpha == 0) | (beta == 0)
-        if bool(finished.any()):
-            X[:, cols[finished]] = Xa[:, finished]
-            converged[cols[consistent | least_squares]] = True
-            keep = ~finished
-            cols, Xa, U, V, H, Hbar = cols[keep], Xa[:, keep], U[:, keep], V[:, keep], H[:, keep], Hbar[:, keep]
-            st = keep_state(keep)
-    if cols.numel():
-        X[:, cols] = Xa
-    ok = bool(converged.all())
-    message = "converged" if ok else (
-        f"reached max_iters={max_iters}: residual {float(rnorm.max()):.3e}, normal-equation residual "
-        f"{float(arnorm.max()):.3e}")
-    info = dict(normal_residual_norm=arnorm.detach().cpu(), norm_A=normA.detach().cpu())
-    return X, rnorm, dict(converged=ok, num_matvecs=matvecs, iterations=it, history=history, method="lsmr",
-                          message=message, info=info)
-
-
 # ---- the public entry points -----------------------------------------------------------------
-def _make_preconditioner(A, preconditioner, method, damping, rank, generator, assume_psd, api):
-    if preconditioner is None:
-        return None, 0
-    if method == "lsmr":
-        raise ValueError(f"{api}: LSMR takes no preconditioner here; pass preconditioner=None.")
-    if isinstance(preconditioner, str):
-        if preconditioner != "nystrom":
-            raise ValueError(f"{api}: expected preconditioner None, an operator or 'nystrom', got {preconditioner!r}.")
-        if method != "cg":
-            raise ValueError(
-                f"{api}: the Nyström preconditioner needs a PSD operator and method='cg', got {method!r}.")
-        rank = min(int(rank), A.shape[0])
-        P = nystrom_preconditioner(A, rank, damping, generator=generator, assume_psd=assume_psd)
-        return P, P.num_matvecs
-    P = _operator(preconditioner, f"{api} (preconditioner)")
-    if P.shape != A.shape or P.torch_dtype != A.torch_dtype or P.device != A.device:
-        raise ValueError(
-            f"{api}: expected a preconditioner of shape {tuple(A.shape)}, dtype {A.torch_dtype} on {A.device}, "
-            f"got shape {tuple(P.shape)}, dtype {P.torch_dtype} on {P.device}."
-        )
-    return P, 0
-
-
 def _check_options(A, method: str, damping, rtol, atol, max_iters, preconditioner_rank, generator, flags: dict,
                    api: str):
     """The settings :func:`solve` and :func:`inverse` share, checked before any product.

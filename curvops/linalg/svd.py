@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..operators import LowRank
 from ._checks import check_flag, check_generator, check_int
-from .trace import _operator, _probes, _product, _work_dtype
+from ._primitives import _operator, _probes, _product, _work_dtype
 
 
 @dataclass

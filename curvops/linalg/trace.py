@@ -31,12 +31,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..operators import as_operator
-from ._checks import check_choice, check_flag, check_generator, check_int, check_optional_int
+from ._checks import check_choice, check_flag, check_generator
+from ._primitives import (
+    DISTRIBUTIONS, _blocks, _check_block_size, _check_budget, _exact_diagonal, _operator, _probes, _product,
+    _safe_inverse_transpose, _unit_block, _work_dtype,
+)
 
 TRACE_METHODS = ("hutchinson", "hutch++", "xtrace", "xnystrace")
 FROBENIUS_METHODS = ("hutchinson", "hutch++")
-DISTRIBUTIONS = ("rademacher", "gaussian", "sphere")
 
 
 @dataclass
@@ -80,118 +82,10 @@ class NormResult:
     squared: TraceResult
 
 
-# ---- helpers shared by the linalg modules (diagonal, svd, solve import them) ------------------
-def _operator(A, api: str, *, square: bool = True):
-    """``A`` as a curvops operator (tensors, arrays, scipy operators are wrapped)."""
-    try:
-        A = as_operator(A)
-    except TypeError as err:
-        raise TypeError(f"{api}: expected an operator, tensor or array, got {type(A).__name__}.") from err
-    if square and A.shape[0] != A.shape[1]:
-        raise ValueError(f"{api}: expected a square operator, got shape {tuple(A.shape)}.")
-    return A
-
-
-def _check_budget(num_matvecs, minimum: int, api: str) -> int:
-    return check_int(num_matvecs, "num_matvecs", api, minimum=minimum, expected=f"num_matvecs >= {minimum}",
-                     fix=f"{api.split('(')[0]} needs at least {minimum} products with this method.")
-
-
-def _check_block_size(block_size, api: str) -> int | None:
-    return check_optional_int(block_size, "block_size", api, minimum=1,
-                              fix="Pass a positive number of columns per product, or None.")
-
-
-def _work_dtype(device: torch.device) -> torch.dtype:
-    """Dtype of the small dense post-processing: float64 wherever the device has it."""
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _probes(n: int, k: int, distribution: str, generator: torch.Generator | None,
-            dtype: torch.dtype, device: torch.device, api: str) -> Tensor:
-    r"""k random test vectors [n, k] with $\mathbb{E}[\omega\omega^\top] = I$.
-
-    Drawn on the generator's device (the default generator's when ``generator`` is None),
-    then moved to ``device``.  ``"sphere"``: Gaussian columns scaled to norm $\sqrt{n}$.
-    """
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"{api}: expected distribution in {DISTRIBUTIONS}, got {distribution!r}.")
-    if generator is not None and not isinstance(generator, torch.Generator):  # public callers convert seeds
-        generator = check_generator(generator, api, device)
-    where = generator.device if generator is not None else torch.device("cpu")
-    if distribution == "rademacher":
-        V = torch.randint(0, 2, (n, k), generator=generator, device=where).to(dtype) * 2 - 1
-    else:
-        V = torch.randn(n, k, generator=generator, device=where, dtype=dtype)
-        if distribution == "sphere":
-            V = V * (math.sqrt(n) / V.norm(dim=0).clamp_min(torch.finfo(dtype).tiny))
-    return V.to(device)
-
-
-def _product(A, V: Tensor, api: str, where: str = "", *, adjoint: bool = False) -> Tensor:
-    """``A @ V`` (or ``A.T @ V``) with the output checked for shape and finiteness."""
-    V = V.to(dtype=A.torch_dtype, device=A.device)
-    out = (A.T @ V) if adjoint else (A @ V)
-    if not isinstance(out, Tensor):
-        raise TypeError(f"{api}: the operator returned {type(out).__name__} for a torch input; expected a Tensor.")
-    rows = A.shape[1] if adjoint else A.shape[0]
-    if tuple(out.shape) != (rows, *V.shape[1:]):
-        raise ValueError(f"{api}: the product returned shape {tuple(out.shape)}, expected {(rows, *V.shape[1:])}.")
-    if not bool(torch.isfinite(out).all()):
-        at = f" {where}" if where else ""
-        raise ValueError(
-            f"{api}: the product {'A.T @ V' if adjoint else 'A @ V'}{at} returned non-finite values (NaN or Inf). "
-            f"Check the operator (e.g. the model's loss at these parameters) and its inputs."
-        )
-    return out
-
-
-def _unit_block(n: int, start: int, stop: int, dtype, device) -> Tensor:
-    """Columns ``start:stop`` of the n×n identity."""
-    E = torch.zeros(n, stop - start, dtype=dtype, device=device)
-    E[torch.arange(start, stop, device=device), torch.arange(stop - start, device=device)] = 1
-    return E
-
-
-def _exact_diagonal(A, block_size: int, api: str) -> Tensor:
-    """diag(A) from products with unit vectors, ``block_size`` columns per product (float64)."""
-    n = A.shape[0]
-    out = torch.empty(n, dtype=_work_dtype(A.device), device=A.device)
-    for start in range(0, n, block_size):
-        stop = min(start + block_size, n)
-        Y = _product(A, _unit_block(n, start, stop, A.torch_dtype, A.device), api, f"(unit vectors {start}:{stop})")
-        out[start:stop] = Y[start:stop].diagonal().to(out.dtype)
-    return out
-
-
 def _mean_stderr(samples: Tensor) -> tuple[float, float]:
     k = samples.numel()
     mean = float(samples.mean())
     return mean, (float(samples.std() / math.sqrt(k)) if k > 1 else float("nan"))
-
-
-def _blocks(m: int, block_size: int | None):
-    step = m if block_size is None else int(block_size)
-    if step < 1:
-        raise ValueError(f"block_size: expected a positive integer, got {block_size}.")
-    for start in range(0, m, step):
-        yield start, min(start + step, m)
-
-
-def _safe_inverse_transpose(R: Tensor) -> Tensor:
-    r"""$R^{-\top}$ of an upper-triangular R whose tiny pivots are raised to $\epsilon\max|R_{ii}|$.
-
-    A numerically rank-deficient sketch (an operator of rank below the sketch size) has
-    pivots at rounding level; raising them keeps the leave-one-out directions finite, and
-    the directions they stand for are rounding noise outside the operator's range.
-    """
-    d = R.diagonal()
-    scale = float(d.abs().max()) if d.numel() else 0.0
-    floor = torch.finfo(R.dtype).eps * scale if scale > 0 else 1.0
-    fixed = torch.where(d.abs() < floor, torch.full_like(d, floor) * torch.where(d < 0, -1.0, 1.0), d)
-    R = R - torch.diag_embed(d) + torch.diag_embed(fixed)
-    eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
-    return torch.linalg.solve_triangular(R, eye, upper=True).T
 
 
 # ---- trace --------------------------------------------------------------------------------
