@@ -10,6 +10,7 @@ from torch import nn
 import importlib
 
 AS = importlib.import_module("curvops.analysis.active_subspace")  # the module (the package exports the function of that name)
+AS_PLAN = importlib.import_module("curvops.analysis.active_subspace.plan")  # where the dense-path limits are read
 from curvops.analysis.active_subspace import (active_subspace, active_subspace_convergence, per_sample_gradients,
                                               subspace_distance, subspace_distances)
 from curvops.testing import contract, oracles, zoo
@@ -112,8 +113,8 @@ def test_linear_output_gives_the_input_second_moment():
 ])
 def test_every_algorithm_matches_the_dense_oracle(monkeypatch, N, k, method, force, algorithm):
     if force:
-        monkeypatch.setattr(AS, "DENSE_SVD_MAX", 0)
-        monkeypatch.setattr(AS, "DENSE_TOPK_MAX", 0)
+        monkeypatch.setattr(AS_PLAN, "DENSE_SVD_MAX", 0)
+        monkeypatch.setattr(AS_PLAN, "DENSE_TOPK_MAX", 0)
     p = mlp_problem(N)
     lam, W, _ = oracle_eig(oracle_gradients(p))
     res = active_subspace(p.model, "cross_entropy", p.data, k=k, method=method, tol=1e-12, batch_size=5,
@@ -219,7 +220,7 @@ def test_bootstrap_intervals_contain_the_estimate_and_shrink_with_more_samples()
 
 
 def test_bootstrap_on_the_krylov_and_operator_paths(monkeypatch):
-    monkeypatch.setattr(AS, "DENSE_TOPK_MAX", 0)
+    monkeypatch.setattr(AS_PLAN, "DENSE_TOPK_MAX", 0)
     p = mlp_problem(40)
     ref = active_subspace(p.model, "cross_entropy", p.data, k=2, bootstrap=8, generator=_gen(1))
     assert "Krylov" in ref.algorithm
@@ -254,7 +255,7 @@ def test_bootstrap_of_a_float32_model_matches_float64(N, k):
 @pytest.mark.parametrize("N", [12, 48])
 def test_bootstrap_of_all_eigenpairs(monkeypatch, N):
     """Gram (N < P) and eigh-of-C (N ≥ P) paths: replicates with repeated rows have lower rank."""
-    monkeypatch.setattr(AS, "DENSE_SVD_MAX", 0)
+    monkeypatch.setattr(AS_PLAN, "DENSE_SVD_MAX", 0)
     p = mlp_problem(N)
     res = active_subspace(p.model, "cross_entropy", p.data, bootstrap=4, generator=_gen(2))
     r = min(N, 32)

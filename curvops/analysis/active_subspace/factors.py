@@ -1,0 +1,200 @@
+r"""Factors F with FᵀF = C of the active-subspace matrix: per-sample gradients held in memory
+(:class:`_DenseRows`), C accumulated chunk by chunk (:class:`_Streamed`), or the matrix-free
+:class:`~curvops.operators.covariance.GradientFactor` (:class:`_Matfree`); and the factor a plan
+asks for (:func:`_factor_for`)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from ...operators.covariance import GradientCovariance
+from .plan import _Plan
+
+
+class _DenseRows:
+    """F = D (G − 1μᵀ) from per-sample gradients G held in memory (never copied for products)."""
+
+    def __init__(self, G: Tensor, w: Tensor, center: bool, multipliers: Tensor | None = None):
+        self.G, self.w, self.center = G, w, center
+        ww = w if multipliers is None else w * multipliers
+        self.total = float(ww.sum())
+        self.p = ww / self.total
+        self.d = self.p.sqrt()
+        self.mu = (self.p @ G) if center else None
+        self.shape = tuple(G.shape)
+        self.dtype, self.device = G.dtype, G.device
+        self.num_matvecs = 0
+        self.num_passes = 0
+
+    def reweight(self, multipliers: Tensor) -> "_DenseRows":
+        return _DenseRows(self.G, self.w, self.center, multipliers)
+
+    def matmat(self, V: Tensor) -> Tensor:  # [P, b] -> [N, b]
+        self.num_matvecs += V.shape[1]
+        Y = (V.T @ self.G.T).T  # measured ~1.8× faster than G @ V for a tall row-major G (MKL)
+        if self.mu is not None:
+            Y -= (self.mu @ V)[None]
+        return Y.mul_(self.d[:, None])
+
+    def rmatmat(self, U: Tensor) -> Tensor:  # [N, b] -> [P, b]
+        self.num_matvecs += U.shape[1]
+        Us = U * self.d[:, None]
+        Z = (Us.T @ self.G).T  # row-major G: faster than G.T @ Us
+        if self.mu is not None:
+            Z = Z - self.mu[:, None] * Us.sum(0)[None]
+        return Z
+
+    def dense(self) -> Tensor:
+        """F explicitly, without its zero rows (a copy)."""
+        nz = self.d > 0
+        G, d = (self.G, self.d) if bool(nz.all()) else (self.G[nz], self.d[nz])
+        F = G - self.mu[None] if self.mu is not None else G.clone()
+        return F.mul_(d[:, None])
+
+    def covariance(self) -> Tensor:
+        C = torch.zeros(self.shape[1], self.shape[1], dtype=self.G.dtype, device=self.G.device)
+        step = max(1, 2**22 // max(1, self.shape[1]))
+        for s in range(0, self.shape[0], step):
+            _add_gram(C, self.G[s:s + step] * self.d[s:s + step, None])
+        return _finish_gram(C, self.mu)
+
+
+class _Streamed:
+    """C accumulated from chunks of per-sample gradients, recomputed on every call (G never held)."""
+
+    def __init__(self, cov: GradientCovariance, w: Tensor, chunk_size: int | None,
+                 multipliers: Tensor | None = None):
+        self.cov, self.w, self.chunk_size, self.multipliers = cov, w, chunk_size, multipliers
+        ww = w if multipliers is None else w * multipliers
+        self.total = float(ww.sum())
+        self.p = ww / self.total
+        self.shape = (int(w.shape[0]), cov.shape[1])
+        self.dtype, self.device = cov.torch_dtype, cov.device
+        self.num_matvecs = 0
+        self.num_passes = 0
+        self.gradient_seconds = 0.0  # of the passes, the time not spent accumulating C
+
+    def reweight(self, multipliers: Tensor) -> "_Streamed":
+        return _Streamed(self.cov, self.w, self.chunk_size, multipliers)
+
+    def covariance(self) -> Tensor:
+        P = self.shape[1]
+        C = torch.zeros(P, P, dtype=self.cov.torch_dtype, device=self.cov.device)
+        mu = torch.zeros(P, dtype=C.dtype, device=C.device) if self.cov.center else None
+        row, gram = [0], [0.0]
+
+        def consume(G, _w):
+            start = time.perf_counter()
+            p = self.p[row[0]:row[0] + G.shape[0]]
+            row[0] += G.shape[0]
+            _add_gram(C, G * p.sqrt()[:, None])
+            if mu is not None:
+                mu.add_(p @ G)
+            gram[0] += time.perf_counter() - start
+
+        start = time.perf_counter()
+        self.cov.sample_gradient_pass(consume, self.chunk_size)
+        self.gradient_seconds += time.perf_counter() - start - gram[0]
+        self.num_passes += 1
+        return _finish_gram(C, mu)
+
+
+class _Matfree:
+    """F matrix-free: :class:`~curvops.operators.covariance.GradientFactor` products (one pass each)."""
+
+    def __init__(self, cov: GradientCovariance, w: Tensor, multipliers: Tensor | None = None):
+        self.cov, self.w, self.multipliers = cov, w, multipliers
+        self.F = cov.factor(multipliers, kept_weights=w)
+        self.shape = tuple(self.F.shape)
+        self.dtype, self.device = cov.torch_dtype, cov.device
+        self.total = self.F.total_weight
+        self.num_matvecs = 0
+        self.num_passes = 0
+
+    def reweight(self, multipliers: Tensor) -> "_Matfree":
+        return _Matfree(self.cov, self.w, multipliers)
+
+    def _mean_passes(self) -> None:
+        if self.cov.center and self.F._mu is None:
+            self.num_passes += 1
+
+    def matmat(self, V: Tensor) -> Tensor:
+        self._mean_passes()
+        self.num_matvecs += V.shape[1]
+        self.num_passes += 1
+        return self.F @ V
+
+    def rmatmat(self, U: Tensor) -> Tensor:
+        self._mean_passes()
+        self.num_matvecs += U.shape[1]
+        self.num_passes += 1
+        return self.F.T @ U
+
+    def covariance(self) -> Tensor:
+        """C densely from products: ``C @ I`` in blocks (P columns; one pass per block of the
+        covariance operator, or two with the factor when reweighted)."""
+        P, step = self.shape[1], self.cov.max_columns
+        C = torch.empty(P, P, dtype=self.cov.torch_dtype, device=self.cov.device)
+        for s in range(0, P, step):
+            E = torch.zeros(P, min(step, P - s), dtype=C.dtype, device=C.device)
+            E[torch.arange(s, s + E.shape[1]), torch.arange(E.shape[1])] = 1
+            if self.multipliers is None:
+                C[:, s:s + E.shape[1]] = self.cov @ E
+                self.num_passes += 1
+                self.num_matvecs += 2 * E.shape[1]
+            else:
+                C[:, s:s + E.shape[1]] = self.rmatmat(self.matmat(E))
+        if self.cov.center and self.multipliers is None:
+            self.num_passes += 1  # μ
+        return C  # symmetric to rounding; eigh reads one triangle
+
+
+def _gram_edges(P: int, blocks: int = 4) -> list[int]:
+    return [0, P] if P < 512 else [round(P * i / blocks) for i in range(blocks + 1)]
+
+
+def _add_gram(C: Tensor, A: Tensor) -> None:
+    """C += AᵀA on the diagonal blocks and the blocks above them (about 5/8 of a full product)."""
+    edges = _gram_edges(C.shape[0])
+    for a, b in zip(edges[:-1], edges[1:]):
+        C[a:b, a:].addmm_(A[:, a:b].T, A[:, a:])
+
+
+def _finish_gram(C: Tensor, mu: Tensor | None) -> Tensor:
+    """Mirror the blocks above the diagonal blocks (in place); subtract μμᵀ for a centred C."""
+    edges = _gram_edges(C.shape[0])
+    for a, b in zip(edges[:-1], edges[1:]):
+        C[b:, a:b] = C[a:b, b:].T
+    if mu is not None:
+        C.addr_(mu, mu, alpha=-1)
+    return C
+
+
+def _factor_for(plan: _Plan, cov: GradientCovariance, w: Tensor, chunk_size, timings: dict):
+    start = time.perf_counter()
+    if plan.path == "stored":
+        G = torch.empty(w.shape[0], cov.shape[1], dtype=cov.torch_dtype, device=cov.device)
+        row = [0]
+
+        changed = ValueError("active_subspace: the number of kept samples changed between passes over the data; "
+                             "the data must be the same on every pass (no shuffling).")
+
+        def write(Gc, _w):  # in place: no second copy of G
+            if row[0] + Gc.shape[0] > G.shape[0]:
+                raise changed
+            G[row[0]:row[0] + Gc.shape[0]] = Gc
+            row[0] += Gc.shape[0]
+
+        if cov.sample_gradient_pass(write, chunk_size) != G.shape[0]:
+            raise changed
+        factor = _DenseRows(G, w, cov.center)
+        factor.num_passes = 1
+    elif plan.path == "streamed":
+        factor = _Streamed(cov, w, chunk_size)
+    else:
+        factor = _Matfree(cov, w)
+    timings["gradients"] = time.perf_counter() - start
+    return factor
