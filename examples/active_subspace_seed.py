@@ -20,10 +20,10 @@ holds in kind: the top-5 subspace moves by 0.08 (sine) at N/P = 0.05 and by 0.01
 The seed's text also reads as averaging over parameters drawn from a standard normal prior rather
 than over data; that is a different matrix, not computed here.
 
-Run:  python examples/active_subspace_seed.py            (about a minute on 2 cores)
+Run:  python examples/active_subspace_seed.py [--quick] [--out PREFIX]   (full size: about a minute on 2 cores)
 """
 
-import sys
+import argparse
 import time
 
 import matplotlib
@@ -35,6 +35,10 @@ from torch import nn  # noqa: E402
 
 from curvops.analysis.active_subspace import active_subspace, active_subspace_convergence  # noqa: E402
 from curvops.plotting import plot_eigenvalue_decay, plot_eigenvector_heatmap  # noqa: E402
+
+
+#: the sizes ``--quick`` runs (seconds; CI runs the example this way)
+QUICK = dict(num_samples=400, width=8, depth=3, train_steps=100, bootstrap=5, top=10, sample_sizes=[100, 200, 400])
 
 
 def seed_network(width: int = 35, depth: int = 5, seed: int = 0) -> nn.Module:
@@ -120,5 +124,14 @@ def main(prefix: str = "active_subspace", num_samples: int = 10_000, width: int 
             "convergence": conv, "seconds": seconds, "full": full}
 
 
+def cli(argv=None) -> dict:
+    """The command line: ``--help`` prints this and exits, ``--quick`` runs small, ``--out`` the prefix of the two figures (PREFIX_decay.png, PREFIX_eigenvectors.png)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="active_subspace", help="the prefix of the two figures (PREFIX_decay.png, PREFIX_eigenvectors.png) (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds (as CI runs it)")
+    args = parser.parse_args(argv)
+    return main(args.out, **(QUICK if args.quick else {}))
+
+
 if __name__ == "__main__":
-    main(*(sys.argv[1:2]))
+    cli()

@@ -1,6 +1,6 @@
 """Exact GP regression with the empirical NTK of a small network as the kernel (GPyTorch).
 
-Run:  python examples/ntk_gp_regression.py [--out out/ntk_gp_regression.png]
+Run:  python examples/ntk_gp_regression.py [--quick] [--out out/ntk_gp_regression.png]
 
 The kernel k(x, x') = ∇θ f(x)ᵀ ∇θ f(x') of a 1-32-32-1 tanh MLP at its (random) initial
 parameters is wrapped by ``curvops.interop.gpytorch.NTKKernel``: GPyTorch never sees a
@@ -36,6 +36,10 @@ class NTKGP(gpytorch.models.ExactGP):
 
     def forward(self, x):
         return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+#: the sizes ``--quick`` runs (seconds; CI runs the example this way)
+QUICK = dict(n_train=20, n_test=25)
 
 
 def dense_ntk(network: nn.Module, X1: torch.Tensor, X2: torch.Tensor) -> torch.Tensor:
@@ -116,8 +120,14 @@ def main(out: str | None = None, n_train: int = 60, n_test: int = 100, noise: fl
                 cg_iterations=res.iterations)
 
 
+def cli(argv=None) -> dict:
+    """The command line: ``--help`` prints this and exits, ``--quick`` runs small, ``--out`` the figure's path."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="out/ntk_gp_regression.png", help="the figure's path (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds (as CI runs it)")
+    args = parser.parse_args(argv)
+    return main(args.out, **(QUICK if args.quick else {}))
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="out/ntk_gp_regression.png")
-    args = parser.parse_args()
-    main(args.out)
+    cli()

@@ -1,7 +1,7 @@
 """Seed 003 made visible: the NTK against the last hidden layer's Gram matrix, and the Hessian
 against the GGN, on a small trained classifier.
 
-Run:  python examples/ntk_vs_gram.py [--out out/ntk_vs_gram.png]
+Run:  python examples/ntk_vs_gram.py [--quick] [--out out/ntk_vs_gram.png]
 
 For a last layer f = W h + b the NTK restricted to (W, b) is exactly (H Hᵀ + 𝟙𝟙ᵀ) ⊗ I_C, so
 the Gram matrix of the last hidden activations is the part of the kernel the last layer
@@ -22,6 +22,10 @@ import torch  # noqa: E402
 
 import curvops  # noqa: E402
 from curvops.demo import demo_problem  # noqa: E402
+
+
+#: the sizes ``--quick`` runs (seconds; CI runs the example this way)
+QUICK = dict(num_kernel=40)
 
 
 def main(out: str, num_kernel: int = 150) -> dict:
@@ -72,7 +76,14 @@ def main(out: str, num_kernel: int = 150) -> dict:
     return {"exact_err": exact_err, "share": share, "alignment": alignment, "top_h": top_h, "top_g": top_g}
 
 
+def cli(argv=None) -> dict:
+    """The command line: ``--help`` prints this and exits, ``--quick`` runs small, ``--out`` the figure's path."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="out/ntk_vs_gram.png", help="the figure's path (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds (as CI runs it)")
+    args = parser.parse_args(argv)
+    return main(args.out, **(QUICK if args.quick else {}))
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", default="out/ntk_vs_gram.png")
-    main(p.parse_args().out)
+    cli()

@@ -6,10 +6,10 @@ cover every case: a curved axis that converges smoothly (0 < αa < 1), one that 
 oscillating (1 < αa < 2), a negative-curvature axis that escapes (a saddle), a flat axis with a
 slope that drifts forever (a = 0, b̃ ≠ 0), and a flat axis that is never updated (a = 0, b̃ = 0).
 
-Run:  python examples/quadratic_gd.py            (writes quadratic_gd.png)
+Run:  python examples/quadratic_gd.py [--quick] [--out quadratic_gd.png]
 """
 
-import sys
+import argparse
 
 import matplotlib
 
@@ -19,6 +19,10 @@ import torch  # noqa: E402
 
 import curvops  # noqa: E402
 from curvops.analysis.quadratic import QuadraticModel  # noqa: E402
+
+
+#: the sizes ``--quick`` runs (seconds; CI runs the example this way)
+QUICK = dict(steps=30)
 
 
 def main(path: str = "quadratic_gd.png", steps: int = 30) -> dict:
@@ -69,5 +73,14 @@ def main(path: str = "quadratic_gd.png", steps: int = 30) -> dict:
             "lowest": float(low.eigenvalues[0])}
 
 
+def cli(argv=None) -> dict:
+    """The command line: ``--help`` prints this and exits, ``--quick`` runs small, ``--out`` the figure's path."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="quadratic_gd.png", help="the figure's path (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds (as CI runs it)")
+    args = parser.parse_args(argv)
+    return main(args.out, **(QUICK if args.quick else {}))
+
+
 if __name__ == "__main__":
-    main(*(sys.argv[1:2]))
+    cli()

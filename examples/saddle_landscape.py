@@ -7,10 +7,10 @@ and the Hessian's cross block gives eigenvalue pairs ±σ.  Lanczos finds both e
 spectrum, ``classify_stationary_point`` says "saddle", and the loss along the bottom eigenvector
 bends down like ½ λ_min t² while along the top one it bends up (seeds/000, seeds/001).
 
-Run:  python examples/saddle_landscape.py          (writes saddle_landscape.png)
+Run:  python examples/saddle_landscape.py [--quick] [--out saddle_landscape.png]
 """
 
-import sys
+import argparse
 
 import matplotlib
 
@@ -21,6 +21,10 @@ from torch import nn  # noqa: E402
 
 import curvops  # noqa: E402
 from curvops.plotting import plot_landscape_1d, plot_landscape_2d  # noqa: E402
+
+
+#: the sizes ``--quick`` runs (seconds; CI runs the example this way)
+QUICK = dict(num_steps=21)
 
 
 def saddle_problem(num_samples: int = 256, hidden: int = 8, seed: int = 0):
@@ -78,5 +82,14 @@ def main(path: str = "saddle_landscape.png", num_steps: int = 41) -> dict:
             "grad_norm": float(grad.norm()), "bottom": along["bottom"].loss, "top": along["top"].loss}
 
 
+def cli(argv=None) -> dict:
+    """The command line: ``--help`` prints this and exits, ``--quick`` runs small, ``--out`` the figure's path."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="saddle_landscape.png", help="the figure's path (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds (as CI runs it)")
+    args = parser.parse_args(argv)
+    return main(args.out, **(QUICK if args.quick else {}))
+
+
 if __name__ == "__main__":
-    main(*(sys.argv[1:2]))
+    cli()

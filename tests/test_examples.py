@@ -1,10 +1,46 @@
-"""The README's code and the examples run as documented."""
+"""The README's code and the examples run as documented.
+
+Every script in ``examples/`` has the same command line: ``--help`` prints its usage and exits
+before running anything, ``--quick`` runs it small (the sizes in its ``QUICK``), ``--out`` says
+where the figure goes.  The tests below run each one through that command line with ``--quick``
+and check what it computed, so CI exercises exactly what a user types.
+"""
 
 import pathlib
 import re
 import runpy
+import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+OTHERS = {"transformer_curvature.py"}  # its own command line and tests (tests/test_language_models.py)
+EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.py") if p.name not in OTHERS)
+
+
+def run_cli(name: str, *argv: str):
+    """Run ``python examples/<name> *argv`` in this process; return (module globals, result)."""
+    mod = runpy.run_path(str(ROOT / "examples" / name), run_name="example")
+    return mod, mod["cli"](list(argv))
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_help_prints_usage_and_runs_nothing(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [name, "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "examples" / name), run_name="__main__")  # as `python examples/<name> --help`
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: {name}") and "--quick" in out and "--out" in out
+    assert list(tmp_path.iterdir()) == []  # no --help.png, no out/ folder
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_every_example_has_the_common_command_line(name):
+    mod = runpy.run_path(str(ROOT / "examples" / name), run_name="example")
+    assert callable(mod["cli"]) and isinstance(mod["QUICK"], dict)
+    assert "--quick" in mod["__doc__"]  # the docstring's Run: line shows it
 
 
 def test_readme_example_runs():
@@ -17,8 +53,9 @@ def test_readme_example_runs():
     assert sorted(scope["top"])[-1] > 0
 
 
-def test_hessian_summary_example(capsys):
-    runpy.run_path(str(ROOT / "examples" / "hessian_summary.py"), run_name="__main__")
+def test_hessian_summary_example(tmp_path, capsys):
+    _, res = run_cli("hessian_summary.py", "--quick", "--out", str(tmp_path / "spectra.png"))
+    assert (tmp_path / "spectra.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     top = re.search(r"top-5 Hessian eigenvalues: \[([^\]]+)\]", out).group(1).split()
     exact = re.search(r"exact top-5 \(dense check\): \[([^\]]+)\]", out).group(1).split()
@@ -27,8 +64,7 @@ def test_hessian_summary_example(capsys):
 
 
 def test_ntk_vs_gram_example(tmp_path):
-    mod = runpy.run_path(str(ROOT / "examples" / "ntk_vs_gram.py"), run_name="example")
-    res = mod["main"](str(tmp_path / "fig.png"), num_kernel=40)
+    _, res = run_cli("ntk_vs_gram.py", "--quick", "--out", str(tmp_path / "fig.png"))
     assert (tmp_path / "fig.png").stat().st_size > 10_000
     assert res["exact_err"] < 1e-10  # the last layer's kernel is exactly (H Hᵀ + 11ᵀ) ⊗ I
     assert 0 < res["share"] < 1
@@ -36,8 +72,7 @@ def test_ntk_vs_gram_example(tmp_path):
 
 
 def test_quadratic_gd_example(tmp_path, capsys):
-    mod = runpy.run_path(str(ROOT / "examples" / "quadratic_gd.py"), run_name="example")
-    res = mod["main"](str(tmp_path / "gd.png"), steps=30)
+    _, res = run_cli("quadratic_gd.py", "--quick", "--out", str(tmp_path / "gd.png"))
     assert (tmp_path / "gd.png").stat().st_size > 10_000
     assert res["gap"] < 1e-12  # the loop and the closed form agree to round-off
     assert res["labels"] == ("diverges", "drifts", "frozen", "converges", "converges")
@@ -47,8 +82,7 @@ def test_quadratic_gd_example(tmp_path, capsys):
 
 
 def test_saddle_landscape_example(tmp_path, capsys):
-    mod = runpy.run_path(str(ROOT / "examples" / "saddle_landscape.py"), run_name="example")
-    res = mod["main"](str(tmp_path / "saddle.png"), num_steps=21)
+    _, res = run_cli("saddle_landscape.py", "--quick", "--out", str(tmp_path / "saddle.png"))
     assert (tmp_path / "saddle.png").stat().st_size > 20_000
     assert res["kind"] == "saddle" and res["grad_norm"] < 1e-12
     assert res["lam_min"] < -0.5 < 1.0 < res["lam_max"]
@@ -61,8 +95,7 @@ def test_saddle_landscape_example(tmp_path, capsys):
 
 
 def test_track_training_example(tmp_path, capsys):
-    mod = runpy.run_path(str(ROOT / "examples" / "track_training.py"), run_name="example")
-    res = mod["main"](str(tmp_path / "track.png"), steps=8, k=2)
+    mod, res = run_cli("track_training.py", "--quick", "--out", str(tmp_path / "track.png"))
     assert (tmp_path / "track.png").stat().st_size > 20_000
     assert res["steps"].tolist() == [0, 1, 2, 4, 8]
     # the tracked extremes are the dense Hessian's at the last checkpoint
@@ -81,9 +114,7 @@ def test_track_training_example(tmp_path, capsys):
 
 
 def test_active_subspace_seed_example(tmp_path, capsys):
-    mod = runpy.run_path(str(ROOT / "examples" / "active_subspace_seed.py"), run_name="example")
-    res = mod["main"](str(tmp_path / "as"), num_samples=400, width=8, depth=3, train_steps=100, bootstrap=5,
-                      top=10, sample_sizes=[100, 200, 400])
+    mod, res = run_cli("active_subspace_seed.py", "--quick", "--out", str(tmp_path / "as"))
     for name in ("as_decay.png", "as_eigenvectors.png"):
         assert (tmp_path / name).stat().st_size > 10_000
     lam = res["eigenvalues"]
@@ -117,3 +148,10 @@ def _seed_data(n):
     gen = torch.Generator().manual_seed(0)
     X = 2 * torch.rand(n, 1, generator=gen, dtype=torch.float64) - 1
     return X, torch.sin(3 * X) + 0.3 * X**2
+
+
+def test_ntk_gp_regression_example(tmp_path):
+    pytest.importorskip("gpytorch")
+    _, res = run_cli("ntk_gp_regression.py", "--quick", "--out", str(tmp_path / "gp.png"))
+    assert (tmp_path / "gp.png").stat().st_size > 10_000
+    assert res["err_kernel"] < 1e-12 and res["err_dense"] < 1e-6 and res["err_cg"] < 1e-4

@@ -44,14 +44,48 @@ def _algebra():
 class Operator(spla.LinearOperator):
     r"""Lazy real matrix $A \in \mathbb{R}^{M \times N}$ defined by its products.
 
-    Args (for subclasses):
+    Every operator is a :class:`scipy.sparse.linalg.LinearOperator` (``matvec``, ``matmat``,
+    ``rmatvec``, ``rmatmat`` and ``dtype`` are scipy's numpy face: numpy in, numpy out) and a torch
+    object: ``A @ v`` with a torch tensor [N] or block [N, K] returns a tensor on ``A.device``; a
+    parameter dict (or list of tensors) returns the same form when a side is a parameter space.
+    ``A.T``, ``A @ B``, ``A + B``, ``c * A``, ``-A``, ``A / c`` and ``A ** p`` build lazy composites
+    that keep the structural tags they can (:mod:`curvops.operators.algebra`).
+
+    Attributes:
         shape: ``(M, N)``.
-        torch_dtype: floating dtype of the products.
-        device: device where products run; torch inputs must live there.
-        tags: structural promises (``"symmetric"``, ``"psd"``).
-        domain / range: optional :class:`ParamLayout` when a side is a parameter space
-            (enables dict inputs and outputs).
+        torch_dtype: the torch dtype of the products (``dtype`` is the numpy dtype scipy expects).
+        device: where products run; torch inputs must live there.
+        tags: structural promises (``"symmetric"``, ``"psd"``), set by the operator's author or
+            with :func:`curvops.tag`, never inferred from numbers.
+        domain: a :class:`~curvops.ParamLayout` when the input side is a parameter space, else None.
+        range: the same for the output side.
+
+    Subclasses call ``Operator.__init__(shape, torch_dtype, device, tags, domain, range)`` and
+    implement ``_matmat_torch(V: [N, K]) -> [M, K]`` and, unless symmetric,
+    ``_rmatmat_torch(W: [M, K]) -> [N, K]``; the base class supplies everything else.
+
+    Example:
+        >>> import torch, curvops
+        >>> A = curvops.Dense(torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64))
+        >>> A @ torch.ones(2, dtype=torch.float64)
+        tensor([3., 4.], dtype=torch.float64)
+        >>> (2 * A - A.T).to_dense()
+        tensor([[2., 1.],
+                [1., 3.]], dtype=torch.float64)
     """
+
+    def __init_subclass__(cls, **kwargs):
+        # help(cls) shows the constructor's docstring; one a subclass leaves out would otherwise be
+        # inherited from scipy's LinearOperator.__init__ ("Initialize this LinearOperator. To be called
+        # by subclasses...") and read as if it were ours.  Point to the class docstring instead.
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and getattr(init, "__doc__", None) is None:
+            try:
+                init.__doc__ = (f"Build the {cls.__name__}; its arguments are described under Args in the "
+                                f"class docstring of {cls.__name__}.")
+            except (AttributeError, TypeError):  # a builtin or wrapped __init__
+                pass
 
     def __init__(
         self,
@@ -62,6 +96,13 @@ class Operator(spla.LinearOperator):
         domain: ParamLayout | None = None,
         range: ParamLayout | None = None,  # noqa: A002 - the matrix's range
     ):
+        """Set the operator's shape, dtypes, device, tags and parameter layouts (for subclasses).
+
+        Raises:
+            TypeError: if ``torch_dtype`` is not a floating dtype.
+            ValueError: if tags are given for a non-square shape, or a layout's size does not
+                match its side of ``shape``.
+        """
         if not torch_dtype.is_floating_point:
             raise TypeError(f"{type(self).__name__}: expected a floating torch dtype, got {torch_dtype}.")
         np_dtype = torch.empty((), dtype=torch_dtype).numpy().dtype if torch_dtype != torch.bfloat16 else np.float32
@@ -97,10 +138,12 @@ class Operator(spla.LinearOperator):
     # ---- tags ----------------------------------------------------------------------
     @property
     def is_symmetric(self) -> bool:
+        """Whether the operator carries the ``"symmetric"`` tag (a promise, not a numerical check)."""
         return _tags.SYMMETRIC in self.tags
 
     @property
     def is_psd(self) -> bool:
+        """Whether the operator carries the ``"psd"`` tag (symmetric positive semi-definite)."""
         return _tags.PSD in self.tags
 
     # ---- torch entry points ----------------------------------------------------------
@@ -212,6 +255,8 @@ class Operator(spla.LinearOperator):
 
     # ---- algebra -------------------------------------------------------------------
     def dot(self, x):
+        """``A @ x``: a product with a tensor, numpy array or parameter dict, a composite with an
+        operator (``A @ B``), or a scaled operator for a scalar ``x``."""
         algebra = _algebra()
 
         if isinstance(x, spla.LinearOperator):
@@ -221,6 +266,7 @@ class Operator(spla.LinearOperator):
         return self._apply(x)
 
     def __matmul__(self, x):
+        """``A @ x`` (see :meth:`dot`); a scalar operand is refused, use ``*``."""
         if np.isscalar(x):
             raise ValueError(f"{type(self).__name__} @ x: scalar operands are not allowed, use '*' instead.")
         return self.dot(x)
@@ -233,6 +279,7 @@ class Operator(spla.LinearOperator):
         return NotImplemented
 
     def __call__(self, x):
+        """``A(x)`` is ``A @ x``."""
         return self @ x
 
     def __mul__(self, x):
@@ -292,10 +339,12 @@ class Operator(spla.LinearOperator):
 
     @property
     def T(self):  # noqa: N802 - matrix notation
+        """The transpose ``Aᵀ`` as a lazy operator (``A`` itself when symmetric)."""
         return self._adjoint()
 
     @property
     def H(self):  # noqa: N802
+        """The adjoint; equal to :attr:`T` for these real operators."""
         return self._adjoint()
 
     # ---- densification -------------------------------------------------------------
@@ -322,6 +371,7 @@ class Operator(spla.LinearOperator):
         return torch.cat(cols, dim=1) if cols else torch.zeros(M, 0, dtype=self.torch_dtype, device=self.device)
 
     def __repr__(self) -> str:
+        """``<Name M×N dtype on device tags=… last_path=…>``."""
         tags = ",".join(sorted(self.tags)) or "-"
         path = getattr(self, "last_path", None)  # the kernel of the last product, where an operator records it
         path = f" last_path={path!r}" if path else ""
