@@ -18,7 +18,8 @@ weights the factory returns (usually random initial ones) and says so at its top
 and the fit of data and loss to the model are checked before any heavy work; a problem is
 printed as one line (no traceback) and the command exits with status 2.  Exit status 1 means
 the report was written but a section failed (its error and traceback are in the report and in
-``summary.json``, and the console lists it).
+``summary.json``, and the console lists it).  The report is written after every section: a run
+interrupted with Ctrl-C keeps the sections done (marked incomplete) and exits with status 130.
 """
 
 from __future__ import annotations
@@ -30,17 +31,58 @@ import time
 
 _DEFAULT_OUTDIR = "curvops-report"
 
+#: one line per report section for ``curvops report --help`` (the keys are the section names)
+SECTION_HELP = {
+    "overview": "parameters, loss, gradient norm (per tensor); always runs",
+    "eigenvalues": "top and most negative Hessian eigenvalues, top GGN eigenvalues (Lanczos)",
+    "hessian_matrix": "the Hessian as a heat map (models up to 1000 parameters; 400 with --quick)",
+    "density": "spectral densities of the Hessian and the GGN (stochastic Lanczos quadrature)",
+    "trace": "traces of the Hessian and the GGN (XTrace, ± one standard error)",
+    "condition": "condition numbers of the GGN and the Hessian",
+    "rank": "numerical ranks of the GGN and the Hessian (cutoff, gap)",
+    "stationary": "minimum / maximum / saddle verdict at the current point",
+    "ntk": "spectrum of the empirical NTK on the first inputs",
+    "active_subspace": "active subspace of the per-sample loss gradients (bootstrap, per layer)",
+    "landscape": "the loss along the top Hessian eigenvectors and on the plane of the top two",
+    "architecture": "the network drawn as strips and blocks, with a table of its layers",
+}
+
+_REPORT_EPILOG = """\
+sections (run in this order; pick some with --sections NAME,...):
+{sections}
+
+your own model, e.g. with mymodel.py in the current directory:
+  # mymodel.py
+  import torch
+  def factory():                 # returns the nn.Module
+      return torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+  def loader():                  # returns (X, y) or a DataLoader
+      return torch.randn(512, 10), torch.randint(0, 3, (512,))
+
+  curvops report out/ --model mymodel:factory --data mymodel:loader --loss cross_entropy \\
+      --checkpoint model.pt --quick
+
+  (--checkpoint: a state dict saved with torch.save(model.state_dict(), "model.pt"); without it
+  the report is on the factory's weights and says so.  A spec may also name a file:
+  --model path/to/mymodel.py:factory.)
+
+progress: a bar over the sections and one inside the running section (its products).  The
+report is written after every section, so an interrupted run (Ctrl-C) keeps the sections done."""
+
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(prog="curvops", description="Curvature of PyTorch models as lazy operators.")
     parser.add_argument("--version", action="version", version=f"curvops {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    width = max(map(len, SECTION_HELP))
     rep = sub.add_parser(
         "report", help="write an HTML curvature report of a model",
         description="Write a curvature report (index.html, PNG figures, summary.json) of the built-in demo "
-                    "model, or of your model with --model/--data/--loss.")
+                    "model, or of your model with --model/--data/--loss.",
+        epilog=_REPORT_EPILOG.format(sections="\n".join(f"  {k:<{width}}  {v}" for k, v in SECTION_HELP.items())),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     rep.add_argument("outdir", nargs="?", default=_DEFAULT_OUTDIR, metavar="OUTDIR",
                      help=f"report directory (default: {_DEFAULT_OUTDIR}/)")
     rep.add_argument("--model", metavar="MODULE:FACTORY", help="callable returning the nn.Module")
@@ -159,6 +201,10 @@ def _run(args, sections) -> int:
         if args.strict:
             raise
         return _error(str(err))
+    except KeyboardInterrupt:
+        print(f"curvops report: interrupted; the sections done are in {os.path.join(args.outdir, 'index.html')} "
+              f"(marked incomplete)", file=sys.stderr)
+        return 130
     _print_summary(summary, args.outdir, time.perf_counter() - start)
     failed = [n for n, s in summary["sections"].items() if s.get("status") == "error"]
     if failed:

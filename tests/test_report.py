@@ -364,6 +364,99 @@ def test_build_report_top_k_sections_and_failing_section(tmp_path, monkeypatch):
         build_report(model, "cross_entropy", (X, y), tmp_path, warnings="untrained", progress=False)
 
 
+def test_an_interrupted_report_keeps_the_sections_done(tmp_path, monkeypatch, capsys):
+    """Issue 12: the report is written after every section; Ctrl-C keeps what is done."""
+    from curvops.report import build
+
+    model, X, y = demo_problem(num_samples=64, steps=50)
+
+    def interrupted(ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(build._SECTION_FUNCS, "condition", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_report(model, "cross_entropy", (X, y), tmp_path, quick=True, progress=False,
+                     sections=["eigenvalues", "trace", "condition", "rank"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["sections"]) == ["overview", "eigenvalues", "trace"]
+    assert all(s["status"] == "ok" for s in summary["sections"].values())
+    assert summary["complete"] is False
+    assert summary["warnings"][0] == ("The report is incomplete: the run stopped in the condition section "
+                                      "(KeyboardInterrupt); not run: condition, rank.")
+    assert summary["figures"]["eigenvalues"]["status"] == "ok" and (tmp_path / "eigenvalues.png").is_file()
+    top = curvops.eigsh(curvops.Hessian(model, "cross_entropy", (X, y)), 5, which="LA", generator=gen(0))
+    np.testing.assert_allclose(summary["sections"]["eigenvalues"]["hessian_top"]["eigenvalues"],
+                               top.eigenvalues.flip(0).numpy(), rtol=1e-9)
+    page = (tmp_path / "index.html").read_text()
+    assert "The report is incomplete" in page and '<section id="trace">' in page
+    assert '<section id="condition">' not in page
+    check_report_html(tmp_path, summary)
+    # the command line says where the finished sections are, and exits with 130
+    out = tmp_path / "cli"
+    rc = main(["report", str(out), "--quick", "--no-progress", "--sections", "trace,condition"])
+    assert rc == 130
+    assert f"interrupted; the sections done are in {out / 'index.html'}" in capsys.readouterr().err
+    assert list(json.loads((out / "summary.json").read_text())["sections"]) == ["overview", "trace"]
+
+
+def test_report_written_after_each_section_and_complete_at_the_end(tmp_path, monkeypatch):
+    from curvops.report import build, summary as summary_module
+
+    written = []
+
+    def record(summary, outdir):
+        written.append((list(summary["sections"]), summary["complete"], summary["warnings"][:1]))
+        return write(summary, outdir)
+
+    write = summary_module.write_summary
+    monkeypatch.setattr(build, "write_summary", record)
+    model, X, y = demo_problem(num_samples=64, steps=50)
+    summary = build_report(model, "cross_entropy", (X, y), tmp_path, quick=True, progress=False,
+                           sections=["trace", "stationary"])
+    assert written == [
+        (["overview"], False, ["The report is incomplete: 1 of 3 sections done; not run yet: trace, stationary "
+                               "(the run was stopped, or is still going)."]),
+        (["overview", "trace"], False, ["The report is incomplete: 2 of 3 sections done; not run yet: stationary "
+                                        "(the run was stopped, or is still going)."]),
+        (["overview", "trace", "stationary"], True, []),
+    ]
+    assert summary["complete"] is True and json.loads((tmp_path / "summary.json").read_text()) == summary
+
+
+def test_progress_inside_a_section_counts_the_products(tmp_path, capsys):
+    """Issue 12: a long section moves its own bar, one step per operator product (column)."""
+    from curvops.report.context import Context
+
+    model, X, y = demo_problem(num_samples=64, steps=50)
+    ctx = Context(model, "cross_entropy", (X, y), params=None, batch_size=None, budgets_kw={}, seed=0, outdir=".",
+                  strict=False, progress=True)
+    V = torch.randn(ctx.num_params, 3, dtype=torch.float64, generator=gen(1))
+    with ctx.steps("rank") as bar:
+        HV = ctx.H @ V
+        G = ctx.G.to_dense()
+        assert bar.n == 3 + ctx.num_params
+    torch.testing.assert_close(HV, curvops.Hessian(model, "cross_entropy", (X, y)) @ V)
+    torch.testing.assert_close(G, curvops.GGN(model, "cross_entropy", (X, y)).to_dense())
+    assert "rank" in capsys.readouterr().err
+    torch.testing.assert_close(ctx.H @ V, HV)  # outside a section: counted nowhere
+    # in a report: the sections' bar and, below it, the running section's products (on stderr)
+    build_report(model, "cross_entropy", (X, y), tmp_path, quick=True, progress=True, sections=["trace"])
+    err = capsys.readouterr().err
+    assert "curvops report" in err and "  trace: " in err and "product" in err
+
+
+def test_report_help_lists_the_sections_and_an_own_model_example(capsys):
+    from curvops.cli import SECTION_HELP
+
+    assert main(["report", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert list(SECTION_HELP) == list(SECTIONS)
+    for name, line in SECTION_HELP.items():
+        assert re.search(rf"^  {name} +{re.escape(line)}$", text, re.M), name
+    assert "curvops report out/ --model mymodel:factory --data mymodel:loader --loss cross_entropy" in text
+    assert "def factory():" in text and "def loader():" in text and "--checkpoint model.pt" in text
+
+
 def test_quick_float32_condition_and_rank_carry_their_status(tmp_path):
     """The Lanczos paths (quick budgets: k_max = 40 < 371 parameters) on a float32 model, the issue's case: the
     float32 cutoff λ₁·n·ε falls inside a smooth run of GGN eigenvalues, and the Hessian's rank exceeds k_max."""
@@ -396,14 +489,11 @@ def test_quick_float32_condition_and_rank_carry_their_status(tmp_path):
 
 def test_a_failed_analysis_is_shown_in_the_console_the_html_and_the_summary(tmp_path, monkeypatch, capsys):
     """Issue 10: the report never drops a section silently."""
-    import importlib
-
-    AS = importlib.import_module("curvops.analysis.active_subspace")  # the package exports a function of that name
-
     def failing(*args, **kwargs):
         raise RuntimeError("quantile() q tensor must be same dtype as the input tensor")
 
-    monkeypatch.setattr(AS, "active_subspace", failing)
+    # the report calls the package-level function (curvops.analysis.active_subspace, the function)
+    monkeypatch.setattr(curvops.analysis, "active_subspace", failing)
     out = tmp_path / "rep"
     rc = main(["report", str(out), "--quick", "--no-progress", "--sections", "trace,active_subspace"])
     assert rc == 1

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.patches import FancyArrowPatch, Rectangle
 from matplotlib.textpath import TextPath
 
-from .architecture import _op, strip_names
+from ._notation import _op, strip_names
 
 UNIT = 0.42            # inches per data unit in a figure made here
 FS, FS_OP, FS_BOX, FS_FORMULA = 9.0, 8.5, 7.5, 11.0

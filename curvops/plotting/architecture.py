@@ -26,18 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from ._common import finish, new_axes, set_title
+from ._notation import _op, strip_names
 
-#: module classes → (arrow label, formula function in mathtext; None = identity in the formula)
-_OPS = {
-    "Tanh": ("tanh", r"\tanh"), "ReLU": ("relu", r"\mathrm{relu}"), "ReLU6": ("relu6", r"\mathrm{relu6}"),
-    "Sigmoid": ("sigmoid", r"\sigma"), "GELU": ("gelu", r"\mathrm{gelu}"), "SiLU": ("silu", r"\mathrm{silu}"),
-    "ELU": ("elu", r"\mathrm{elu}"), "SELU": ("selu", r"\mathrm{selu}"), "CELU": ("celu", r"\mathrm{celu}"),
-    "LeakyReLU": ("leaky relu", r"\mathrm{lrelu}"), "Softplus": ("softplus", r"\mathrm{softplus}"),
-    "Mish": ("mish", r"\mathrm{mish}"), "Hardtanh": ("hardtanh", r"\mathrm{hardtanh}"),
-    "Softmax": ("softmax", r"\mathrm{softmax}"), "LogSoftmax": ("log softmax", r"\log\mathrm{softmax}"),
-    "Flatten": ("flatten", r"\mathrm{vec}"), "Unflatten": ("reshape", r"\mathrm{reshape}"),
-    "Identity": (None, None),
-}
 _POOL = ("MaxPool", "AvgPool", "AdaptiveAvgPool", "AdaptiveMaxPool", "LPPool")
 _NORM_SYMBOL = {"BatchNorm": "BN", "LayerNorm": "LN", "GroupNorm": "GN", "InstanceNorm": "IN", "RMSNorm": "RMS"}
 
@@ -189,20 +179,6 @@ def is_chain(table: list[dict]) -> bool:
 
 
 # ---- grouping and the formula ------------------------------------------------------------------
-def _op(row: dict) -> tuple[str | None, str | None]:
-    """(arrow label, formula function) of a parameter-free call."""
-    t = row["type"]
-    if t in _OPS:
-        return _OPS[t]
-    if row["kind"] == "dropout":
-        return "dropout", None
-    if row["kind"] == "pool":
-        short = t.replace("Adaptive", "adaptive ").replace("Max", "max ").replace("Avg", "avg ").replace("LP", "lp ")
-        label = short.replace("Pool", "pool").rstrip("123dD").strip()
-        return label, r"\mathrm{" + label.replace("adaptive ", "").replace(" ", "") + "}"
-    return t.lower(), r"\mathrm{" + t + "}"
-
-
 def groups(table: list[dict]) -> list[dict]:
     """Split a chain into groups: a parameterized call followed by its parameter-free calls.
 
@@ -257,11 +233,6 @@ def _apply_ops(g: dict, expr: str, is_sum: bool) -> tuple[str, bool]:
         if fn is not None:
             expr, is_sum = f"{fn}({expr})", False
     return expr, is_sum
-
-
-def strip_names(n_groups: int) -> list[str]:
-    """Mathtext names of the activations: x, h_1, …, \\hat{y}."""
-    return ["x"] + [f"h_{{{j}}}" for j in range(1, n_groups)] + [r"\hat{y}"]
 
 
 def forward_formula(table: list[dict], *, nested: bool | None = None) -> list[str] | None:

@@ -414,6 +414,7 @@ def render_html(summary: dict) -> str:
 def write_html(summary: dict, outdir) -> str:
     """Write ``index.html`` for ``summary`` into ``outdir``; return its path."""
     path = os.path.join(outdir, "index.html")
-    with open(path, "w", encoding="utf-8") as fh:
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:  # renamed when complete: never a truncated page
         fh.write(render_html(summary))
+    os.replace(path + ".tmp", path)
     return path

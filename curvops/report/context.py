@@ -1,0 +1,145 @@
+"""What the report's sections share: the operators, budgets, seed, cached results, figures and progress."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .budgets import Budgets
+
+
+class Pending(Exception):
+    """A section whose library module is not available (recorded, not an error)."""
+
+
+class Skipped(Exception):
+    """A section that does not apply to this model (recorded with the reason)."""
+
+
+class Context:
+    """The model's operators, budgets, the seed, cached results and the figures written so far."""
+
+    def __init__(self, model, loss, data, *, params, batch_size, budgets_kw, seed, outdir, strict,
+                 progress=False):
+        from ..objective import Objective
+        from ..operators import GGN, Hessian
+
+        self.model, self.loss, self.data, self.outdir, self.seed = model, loss, data, outdir, seed
+        self.strict = strict
+        self.kw = dict(params=params, batch_size=batch_size)
+        self.objective = Objective(model, loss, data, **self.kw)
+        self.progress = progress
+        self._bar = None  # the running section's inner progress bar
+        self.H = self.counted(Hessian(model, loss, data, **self.kw))
+        self.G = self.counted(GGN(model, loss, data, **self.kw))
+        self.num_params = self.objective.num_params
+        self.device = self.objective.device
+        self.budgets = Budgets.make(self.num_params, **budgets_kw)
+        self.cache: dict[str, Any] = {}
+        self.figures: dict[str, dict] = {}
+
+    # ---- progress inside a section ------------------------------------------------------------
+    @contextmanager
+    def steps(self, name: str, unit: str = "product"):
+        """An inner progress bar for the section ``name`` (on stderr below the sections' bar, when
+        ``progress``): it counts the products of every operator made with :meth:`counted` and the
+        steps a section reports with :meth:`tick`, so a long section shows that it moves."""
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(desc=f"  {name}", unit=unit, file=sys.stderr, disable=not self.progress, leave=False,
+                         position=1)
+        try:
+            yield self._bar
+        finally:
+            self._bar.close()
+            self._bar = None
+
+    def tick(self, n: int = 1) -> None:
+        """Advance the running section's inner progress bar by ``n`` steps."""
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def counted(self, A):
+        """``A`` itself, with each product also counted on the inner progress bar (one per column).
+
+        Only this instance's torch product is wrapped (every product, dense materialization
+        included, goes through it); the values are those of ``A``."""
+        product = A._matmat_torch
+
+        def matmat(V):
+            out = product(V)
+            self.tick(V.shape[1])
+            return out
+
+        A._matmat_torch = matmat
+        return A
+
+    # ---- data and figures ------------------------------------------------------------------
+    def generator(self) -> torch.Generator:
+        """A fresh generator on the model's device, seeded with the report's seed."""
+        return torch.Generator(device=self.device).manual_seed(self.seed)
+
+    def first_samples(self, n: int):
+        """``(x, y)`` of the first ``n`` samples of the data (on the device, in the model's dtype)."""
+        xs, ys, count = [], [], 0
+        for batch in self.objective.batches():
+            take = min(batch.n, n - count)
+            xs.append(_tree_slice(batch.x, take))
+            ys.append(_tree_slice(batch.y, take))
+            count += take
+            if count >= n:
+                break
+        return _tree_cat(xs), _tree_cat(ys), count
+
+    def figure(self, key: str, caption: str, draw: Callable) -> None:
+        """Save ``<key>.png`` drawn by ``draw(plot, path)`` (``plot`` = :mod:`curvops.plotting`; it draws on a
+        new figure and saves it to ``path``), close that figure and record it.  A missing plot
+        module or a failing plot is recorded for this figure only (re-raised when strict)."""
+        try:
+            import curvops.plotting as plot
+        except ImportError as err:
+            self.figures[key] = {"file": None, "caption": caption, "status": "pending",
+                                 "message": f"curvops.plotting is not available ({err})"}
+            return
+        import matplotlib.pyplot as plt
+
+        name = f"{key}.png"
+        ax = None
+        try:
+            ax = draw(plot, os.path.join(self.outdir, name))
+        except Exception as err:
+            if self.strict:
+                raise
+            self.figures[key] = {"file": None, "caption": caption, "status": "error",
+                                 "message": f"{type(err).__name__}: {err}"}
+            return
+        finally:
+            if ax is not None:
+                plt.close(ax.figure)
+        self.figures[key] = {"file": name, "caption": caption, "status": "ok"}
+
+
+def _tree_slice(x, n):
+    if isinstance(x, Tensor):
+        return x[:n] if x.dim() > 0 else x
+    if isinstance(x, dict):
+        return {k: _tree_slice(v, n) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_tree_slice(v, n) for v in x)
+    return x
+
+
+def _tree_cat(parts):
+    first = parts[0]
+    if isinstance(first, Tensor):
+        return torch.cat(parts) if first.dim() > 0 else first
+    if isinstance(first, dict):
+        return {k: _tree_cat([p[k] for p in parts]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_tree_cat([p[i] for p in parts]) for i in range(len(first)))
+    return first
