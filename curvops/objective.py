@@ -85,6 +85,20 @@ class Objective(ModelState):
         allow_stochastic: accept dropout / BatchNorm in train mode and shuffling DataLoaders (the
             operator then changes from product to product; see :func:`curvops.check_deterministic`).
 
+    **Normalization** (defined once, used by every operator; docs/conventions.md has the table).
+    The whole-data loss is
+
+    .. math:: L(\theta) = \frac{\sum_b w_b\, \ell_b(\theta)}{\sum_b w_b} \ (\text{mean}),\qquad
+        L(\theta) = \sum_b \ell_b(\theta) \ (\text{sum})
+
+    where ``ℓ_b`` is the loss of batch ``b`` exactly as torch reduces it and ``w_b`` the batch's
+    **weight**: for ``"mean"``, ``w_b = d_b``, what torch's mean divides the batch's summed loss by
+    (the number of elements for MSE/BCE; the number of non-ignored targets, or the sum of their
+    class weights, for cross-entropy; the number of samples for a callable); ``w_b = 0`` for a batch
+    whose targets are all ignored.  For ``"sum"``, ``w_b = 1``.  So ``L`` is torch's loss on the
+    concatenated data whatever the batch split, and every curvature operator built on this
+    objective is the derivative of this ``L`` (the ``w_b`` in their docstrings are these).
+
     Floating data (inputs and targets) is cast to the parameters' dtype, which sets the precision
     of every product: float32 data for a float64 model is used exactly; float64 data for a float32
     model is rounded to float32, as ``model(X.float())`` would compute it.  (Plain torch refuses the
@@ -93,6 +107,19 @@ class Objective(ModelState):
 
     Raises:
         ValueError / TypeError: for every bad input listed above, before any pass over the data.
+
+    Example:
+        >>> import torch, curvops
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+        >>> X, y = torch.randn(10, 3, dtype=torch.float64), torch.tensor([0, 1, -100, 1, 0, 0, -100, 1, 1, 0])
+        >>> obj = curvops.Objective(model, "cross_entropy", (X, y), batch_size=4)   # batches of 4, 4, 2
+        >>> full = torch.nn.functional.cross_entropy(model(X), y)                 # torch, all data at once
+        >>> abs(obj.loss_value() - full.item()) < 1e-12       # w_b = non-ignored targets per batch
+        True
+        >>> H = curvops.Hessian(obj)                          # operators take an Objective too
+        >>> H.shape
+        (26, 26)
     """
 
     def __init__(

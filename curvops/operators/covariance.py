@@ -112,8 +112,17 @@ class GradientCovariance(Operator):
         TypeError: g="loss" without a loss; a subset or classes of the wrong kind.
 
     Example:
-        >>> C = GradientCovariance(model, "cross_entropy", (X, y), classes=[0, 2])   # doctest: +SKIP
-        >>> curvops.eigsh(C, k=5).eigenvalues                                        # doctest: +SKIP
+        >>> import torch, curvops
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+        >>> X, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
+        >>> C = curvops.GradientCovariance(model, "cross_entropy", (X, y))
+        >>> EF = curvops.EmpiricalFisher(model, "cross_entropy", (X, y))
+        >>> torch.allclose(C.to_dense(), EF.to_dense())       # unit weights, uncentred: the empirical Fisher
+        True
+        >>> C1 = curvops.GradientCovariance(model, "cross_entropy", (X, y), classes=[1], center=True)
+        >>> C1.shape, C1.is_psd                                # the class-1 samples' gradient covariance
+        ((26, 26), True)
 
     References:
         Constantine (2015). *Active Subspaces: Emerging Ideas for Dimension Reduction in Parameter Studies*.

@@ -29,16 +29,40 @@ def loss_hessian_apply(objective, batch: Batch, out: Tensor, T: Tensor) -> Tenso
 class GGN(CurvatureOperator):
     r"""Generalized Gauss-Newton matrix, normalized like the loss.
 
-    .. math:: G = \sum_b w_b\, J_b^\top \big(\nabla^2_f \ell_b\big) J_b,\qquad J_b = \partial f(X_b)/\partial\theta
+    .. math:: G = \frac{1}{W}\sum_b w_b\, J_b^\top \big(\nabla^2_f \ell_b\big) J_b,\qquad
+        J_b = \partial f(X_b)/\partial\theta,\qquad W = \sum_b w_b
 
-    with the whole-data weights ``w_b`` of :class:`~curvops.Objective`.  The loss Hessian in
-    output space comes from autodiff of the user's loss, so any twice-differentiable loss works.
+    where ``ℓ_b`` is the user's loss on batch ``b`` exactly as torch reduces it, and ``w_b`` the
+    batch's weight in the whole-data loss (defined in :class:`~curvops.Objective`): for a 'mean'
+    loss ``w_b = d_b``, what the batch mean divides by (elements for MSE/BCE, non-ignored targets
+    or their class weights for cross-entropy, samples for a callable); for a 'sum' loss ``w_b = 1``
+    and there is no ``1/W``.  So ``G`` is the GGN of torch's loss on the concatenated data, for any
+    batch split (docs/conventions.md).  The loss Hessian in output space comes from autodiff of the
+    user's loss, so any twice-differentiable loss works.
 
     **Cost**: per batch one forward + one VJP graph, one forward-mode product per column
     (vmapped over the columns of a block) and one VJP per column (vmapped).
 
     **Tags**: symmetric, psd (PSD holds for losses convex in the outputs: MSE, cross-entropy,
     BCE-with-logits, …; pass ``convex_loss=False`` for a loss that is not).
+
+    Args:
+        model_or_objective: an :class:`~curvops.Objective`, or a model followed by ``loss`` and ``data``.
+        convex_loss: whether the loss is convex in the outputs (sets the ``psd`` tag).
+        max_columns: columns processed together per batch (memory ∝ max_columns · P).
+        **kwargs: passed to :class:`~curvops.Objective` (``params=``, ``batch_size=``, …).
+
+    Example:
+        >>> import torch, curvops
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+        >>> X, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
+        >>> G = curvops.GGN(model, "cross_entropy", (X, y), batch_size=8)
+        >>> G.shape, G.is_psd
+        ((26, 26), True)
+        >>> F = curvops.Fisher(model, "cross_entropy", (X, y))   # exact Fisher = GGN for cross-entropy
+        >>> torch.allclose(G.to_dense(), F.to_dense())
+        True
     """
 
     def __init__(self, model_or_objective, loss=None, data=None, *, convex_loss: bool = True,

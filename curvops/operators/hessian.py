@@ -126,8 +126,21 @@ class Hessian(ScalarHessian):
         **kwargs: passed to :class:`~curvops.Objective` (``params=``, ``reduction=``, …).
 
     Example:
-        >>> H = Hessian(model, torch.nn.MSELoss(), (X, y))      # doctest: +SKIP
-        >>> Hv = H @ v                                         # doctest: +SKIP
+        >>> import torch, curvops
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+        >>> X, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
+        >>> H = curvops.Hessian(model, "cross_entropy", (X, y), batch_size=8)   # 26 parameters
+        >>> H.shape
+        (26, 26)
+        >>> v = torch.randn(26, dtype=torch.float64)
+        >>> torch.allclose(H @ v, H.to_dense() @ v)            # matrix-free = dense
+        True
+        >>> Hv = H @ {n: torch.ones_like(p) for n, p in model.named_parameters()}   # dict in, dict out
+        >>> sorted(Hv)
+        ['0.bias', '0.weight', '2.bias', '2.weight']
+        >>> bool(curvops.eigsh(H, k=2).eigenvalues[-1] > 0)    # ascending: the last is the largest
+        True
     """
 
     def __init__(self, model_or_objective, loss=None, data=None, *, keep_graphs: bool = False,

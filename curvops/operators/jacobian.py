@@ -58,6 +58,21 @@ class Jacobian(Operator):
     Raises:
         ValueError: unknown module names, a module that never runs or runs twice per forward,
             ``wrt="inputs"`` with non-tensor inputs.
+
+    Example:
+        >>> import torch, curvops
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+        >>> X, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
+        >>> J = curvops.Jacobian(model, X)                      # (N·C) × P, rows sample-major
+        >>> J.shape
+        (32, 26)
+        >>> Jd = J.to_dense()
+        >>> w = torch.randn(32, dtype=torch.float64)
+        >>> torch.allclose(J.T @ w, Jd.T @ w)                   # the adjoint is a VJP
+        True
+        >>> curvops.Jacobian(model, X, wrt="1").shape          # w.r.t. the Tanh's output: block diagonal
+        (32, 64)
     """
 
     def __init__(self, model_or_objective, data=None, *, wrt: str = "params", of: str | None = None,

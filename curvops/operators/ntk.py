@@ -37,6 +37,20 @@ class NTK(Operator):
         batch_size: split tensor inputs into batches of this size.
         memory_budget: bytes the per-layer features (and explicit Jacobian rows) may use.
         cache_features: keep the features between products (see Cost).
+
+    Example:
+        >>> import torch, curvops
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+        >>> X, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
+        >>> K = curvops.NTK(model, X)                           # (N·C) × (N·C) = J Jᵀ
+        >>> K.shape, K.is_psd
+        ((32, 32), True)
+        >>> Jd = curvops.Jacobian(model, X).to_dense()
+        >>> torch.allclose(K.to_dense(), Jd @ Jd.T)
+        True
+        >>> curvops.NTK(model, X[:5], X[5:], output_reduction="sum").shape   # a cross-kernel
+        (5, 11)
     """
 
     def __init__(self, model, X1, X2=None, *, params=None, output_reduction: str | None = None,

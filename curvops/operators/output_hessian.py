@@ -278,12 +278,13 @@ class OutputHessian(_ScalarHVP):
 class HessianResidual(_ScalarHVP):
     r"""The Hessian minus the GGN, computed directly from the output Hessians.
 
-    .. math:: R = \sum_b w_b \sum_{i \in b} \sum_k \frac{\partial \ell_b}{\partial f_{ik}}\,
+    .. math:: R = \frac{1}{W}\sum_b w_b \sum_{i \in b} \sum_k \frac{\partial \ell_b}{\partial f_{ik}}\,
               \nabla^2_\theta f_{ik} \in \mathbb{R}^{P \times P},
               \qquad \nabla^2_\theta L = G + R
 
-    with the batch losses ``ℓ_b``, the whole-data weights ``w_b`` of :class:`~curvops.Objective`
-    (``n_b / N`` for ``"mean"``, 1 for ``"sum"``) and the GGN ``G`` (:class:`~curvops.GGN`).  Per
+    with the batch losses ``ℓ_b``, the batch weights ``w_b`` of :class:`~curvops.Objective`
+    (``w_b = d_b``, what the batch mean divides by, and ``W = Σ_b w_b`` for ``"mean"``; ``w_b = 1``
+    and no ``1/W`` for ``"sum"``) and the GGN ``G`` (:class:`~curvops.GGN`).  Per
     batch, ``r_b = ∂ℓ_b/∂f`` is evaluated at the current outputs and held fixed, and the product
     is the HVP of ``θ ↦ ⟨r_b, f(θ, X_b)⟩`` — no Hessian or GGN product is formed or subtracted.
     ``R`` vanishes where the loss gradient in output space does (an interpolating minimum of a
