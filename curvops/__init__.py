@@ -20,7 +20,7 @@ from .operators import (
 )
 from .analysis.response import HypergradientResult, ResponseJacobian, StationarityWarning, hypergradient
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "linalg", "eigsh", "svds", "spectral_density", "logdet", "trace", "frobenius_norm", "diagonal", "randomized_svd",
