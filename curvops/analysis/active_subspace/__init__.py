@@ -39,13 +39,15 @@ Modules: :mod:`.estimate` (the entry points), :mod:`.plan` (path, algorithm, mem
 :mod:`.inputs` (data or sampler, argument checks), :mod:`.factors` (F in memory, streamed or
 matrix-free), :mod:`.eigenpairs` and :mod:`.krylov` (the decompositions), :mod:`.bootstrap`,
 :mod:`.convergence` (in the number of samples), :mod:`.distance` (subspace distances),
-:mod:`.result` (the result types).
+:mod:`.result` (the result types); :mod:`.prior` and :mod:`.prior_estimate` (the matrix over a
+prior on the parameters, ``prior=``: ``seeds/002`` as written).
 """
 
 from .convergence import active_subspace_convergence
 from .distance import subspace_distance, subspace_distances
 from .estimate import active_subspace, per_sample_gradients
 from .plan import DEFAULT_MEMORY_BUDGET
+from .prior import PriorGradientCovariance, prior_gradients
 from .result import ActiveSubspaceConvergence, ActiveSubspaceResult
 
 # the other names the single module ``active_subspace.py`` had, for callers and tests that import them from here
@@ -58,4 +60,5 @@ from .plan import DENSE_SVD_MAX, DENSE_TOPK_MAX, METHODS, _candidates, _choose, 
 from .result import _gaps  # noqa: F401
 
 __all__ = ["ActiveSubspaceResult", "ActiveSubspaceConvergence", "active_subspace", "active_subspace_convergence",
-           "per_sample_gradients", "subspace_distance", "subspace_distances", "DEFAULT_MEMORY_BUDGET"]
+           "per_sample_gradients", "subspace_distance", "subspace_distances", "DEFAULT_MEMORY_BUDGET",
+           "PriorGradientCovariance", "prior_gradients"]

@@ -15,6 +15,7 @@ from .eigenpairs import _decompose
 from .factors import _factor_for, _Streamed
 from .inputs import _check_common, _check_k, _covariance
 from .plan import DEFAULT_MEMORY_BUDGET, _choose
+from .prior_estimate import _prior_active_subspace
 from .result import ActiveSubspaceResult, _gaps
 
 
@@ -56,7 +57,8 @@ def active_subspace(model_or_objective, loss=None, data=None, *, g: str | Callab
                     num_samples: int | None = None, weights: Tensor | None = None, center: bool = False,
                     subset=None, classes=None, bootstrap: int = 0, confidence: float = 0.95, tol: float = 1e-6,
                     return_eigenvectors: bool = True, chunk_size: int | None = None,
-                    generator: torch.Generator | None = None, **objective_kwargs) -> ActiveSubspaceResult:
+                    generator: torch.Generator | None = None, prior=None,
+                    **objective_kwargs) -> ActiveSubspaceResult:
     r"""Eigendecomposition of the active-subspace matrix of g, with optional bootstrap intervals.
 
     .. math:: C = \frac{1}{W}\sum_i w_i\,(\nabla g_i - \mu)(\nabla g_i - \mu)^\top
@@ -74,6 +76,12 @@ def active_subspace(model_or_objective, loss=None, data=None, *, g: str | Callab
     matrix-free factor (top-k), or C densified from P products (all eigenpairs).  ``"auto"`` takes
     the first snapshot plan whose memory estimate fits ``memory_budget``, else the operator path.
     Both paths give the same eigenpairs (to ``tol``).
+
+    With ``prior=`` (``seeds/002`` as written) the average runs over ``num_samples`` *parameter*
+    draws θ_j ∼ ρ at the fixed data set instead: C = (1/N) Σ_j ∇L(θ_j)∇L(θ_j)ᵀ with L the
+    whole-data loss (:mod:`.prior`); ``sampler=`` (inputs x ∼ ρ) and ``prior=`` (parameters θ ∼ ρ)
+    exclude each other.  The same plans, bootstrap (over the draws) and result; ``"operator"``
+    recomputes the gradients in chunks on every product (memory chunk·P, not N·P).
 
     Bootstrap (``bootstrap=B``): B resamples of the kept samples with replacement (multinomial
     counts as weights), each decomposed the same way (Krylov warm-started from the estimate); the
@@ -114,6 +122,10 @@ def active_subspace(model_or_objective, loss=None, data=None, *, g: str | Callab
         chunk_size: samples per ``vmap(grad)`` chunk of the snapshot path.
         generator: random source for the sampler, the Krylov start block and the bootstrap
             (default ``torch.Generator().manual_seed(0)``: reproducible, global RNG untouched).
+        prior: ``None`` (average over data samples), or a prior over the flat selected parameters:
+            ``"standard_normal"`` (θ ∼ N(0, I)), ``("around", sigma)`` (θ ∼ N(θ₀, σ²I), θ₀ the
+            model's parameters) or a callable ``prior(n, generator) -> Tensor[n, P]``; needs
+            ``num_samples`` (draws) and ``g="loss"``; excludes sampler/weights/subset/classes/center.
 
     Returns:
         :class:`ActiveSubspaceResult`.
@@ -143,6 +155,13 @@ def active_subspace(model_or_objective, loss=None, data=None, *, g: str | Callab
         raise ValueError(f"{api}: expected 0 < confidence < 1, got {confidence!r}.")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"{api}: expected k to be a positive integer or None, got {k!r}.")
+    if prior is not None:
+        return _prior_active_subspace(
+            model_or_objective, loss, data, prior=prior, num_samples=num_samples, g=g, k=k, method=method,
+            memory_budget=memory_budget, sampler=sampler, weights=weights, center=center, subset=subset,
+            classes=classes, bootstrap=bootstrap, confidence=confidence, tol=tol,
+            return_eigenvectors=return_eigenvectors, chunk_size=chunk_size, generator=gen,
+            objective_kwargs=objective_kwargs)
     cov = _covariance(model_or_objective, loss, data, g, sampler, num_samples, weights, center, subset, classes,
                       gen, objective_kwargs, api)
     w = cov.kept_weights()

@@ -1,0 +1,293 @@
+r"""The active subspace over a prior on the *parameters* (``seeds/002`` as written).
+
+.. math:: C = \int \nabla L(\theta)\,\nabla L(\theta)^\top \rho(\theta)\,d\theta
+          \approx \frac{1}{N}\sum_{j=1}^N \nabla L(\theta_j)\nabla L(\theta_j)^\top = \frac{1}{N} G^\top G,
+
+with L the whole-data loss (normalized like the loss: the mean over the data set for a mean loss)
+and θ_j ∼ ρ drawn over the flat selected parameters (layout order).  This is not the data-sample
+matrix of :func:`~curvops.analysis.active_subspace.active_subspace` without ``prior=``: there the
+parameters are fixed and the average runs over data samples x ∼ ρ (``sampler=`` draws *inputs*);
+here the data set is fixed and the average runs over parameter draws θ ∼ ρ (``prior=`` draws
+*parameters*).
+
+Priors (the ``prior=`` argument):
+
+* ``"standard_normal"``: θ ∼ N(0, I) (the seed's ρ);
+* ``("around", σ)``: θ ∼ N(θ₀, σ²I) with θ₀ the model's current parameters — local
+  sensitivity of the loss around a trained point.  For small σ, ∇L(θ₀ + σz) ≈ ∇L(θ₀) + σHz, so
+  C ≈ ∇L∇Lᵀ + σ²H² (H the Hessian at θ₀): a rank-one gradient term plus the squared Hessian,
+  whereas the data-sample matrix is the empirical Fisher (1/n)Σ∇ℓ_i∇ℓ_iᵀ at θ₀;
+* a callable ``sampler(n, generator) -> Tensor[n, P]`` returning flat parameter vectors; it is
+  called once, with n = ``num_samples``, and exactly the rows it returns are used (cast to the
+  parameters' dtype and device).
+
+Draws of the built-in priors come in fixed blocks of :data:`DRAW_BLOCK` rows, each from its own
+seed taken from the caller's generator, so they are regenerated on demand (the matrix-free path
+never holds all N×P of them) and do not depend on ``chunk_size``.
+
+Gradients: ``vmap`` over the θ axis of ``grad`` of one batch's loss (``functional_call`` with
+the draw's parameters), the data loop inside, summed with the objective's batch weights ``w_b``
+and normalized like the loss; ``chunk_size`` draws at a time bound the memory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+from torch.func import grad, vmap
+
+from ...objective import Objective
+from ...operators import tags as _tags
+from ...operators._curvature import make_objective
+from ...operators.base import Operator
+
+#: rows per block of built-in prior draws (each block from its own seed)
+DRAW_BLOCK = 256
+PRIORS = ("standard_normal", ("around", "σ"), "sampler(n, generator) -> Tensor[n, P]")
+
+
+@dataclass(frozen=True)
+class _Prior:
+    kind: str  # "standard_normal" | "around" | "callable"
+    scale: float = 1.0
+    sampler: Callable | None = None
+
+    @property
+    def description(self) -> str:
+        return {"standard_normal": "θ ~ N(0, I)", "around": f"θ ~ N(θ₀, {self.scale:g}² I)",
+                "callable": "θ from a callable sampler"}[self.kind]
+
+
+def _parse_prior(prior, api: str) -> _Prior:
+    """``"standard_normal"``, ``("around", σ)`` or a callable → :class:`_Prior` (errors name the spellings)."""
+    if isinstance(prior, _Prior):
+        return prior
+    if isinstance(prior, str):
+        if prior == "standard_normal":
+            return _Prior("standard_normal")
+        if prior == "around":
+            raise ValueError(f"{api}: prior='around' needs a scale: pass prior=('around', sigma), e.g. "
+                             f"('around', 0.1) for θ ~ N(θ₀, 0.01 I).")
+        raise ValueError(f"{api}: expected prior to be 'standard_normal', ('around', sigma) or a callable "
+                         f"sampler(n, generator) -> Tensor[n, P], got {prior!r}.")
+    if isinstance(prior, tuple) and len(prior) == 2 and prior[0] == "around":
+        s = prior[1]
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not (s > 0 and math.isfinite(s)):
+            raise ValueError(f"{api}: expected prior=('around', sigma) with a positive, finite sigma, got {prior!r}.")
+        return _Prior("around", float(s))
+    if callable(prior):
+        return _Prior("callable", sampler=prior)
+    raise TypeError(f"{api}: expected prior to be 'standard_normal', ('around', sigma) or a callable "
+                    f"sampler(n, generator) -> Tensor[n, P], got {type(prior).__name__}: {prior!r}.")
+
+
+def _check_num_samples(num_samples, api: str) -> int:
+    if num_samples is None:
+        raise ValueError(f"{api}: prior= needs num_samples (how many parameter draws θ ~ ρ), got None.")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"{api}: expected num_samples to be a positive integer (parameter draws), got "
+                         f"{num_samples!r}.")
+    return num_samples
+
+
+def _check_chunk(chunk_size, api: str) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{api}: expected chunk_size to be a positive integer (draws per vmapped chunk) or None, "
+                         f"got {chunk_size!r}.")
+
+
+class _Draws:
+    """N parameter draws, fixed once: rows produced on demand (built-in priors) or held (a callable)."""
+
+    def __init__(self, prior: _Prior, num_samples: int, objective: Objective, generator: torch.Generator, api: str):
+        self.prior, self.N, self.P = prior, num_samples, objective.num_params
+        self.dtype, self.device = objective.dtype, objective.device
+        self.objective = objective
+        self.held: Tensor | None = None
+        self._cache: tuple[int, Tensor] | None = None
+        if prior.kind == "callable":
+            self.held = self._call_sampler(prior.sampler, generator, api)
+        else:
+            blocks = -(-num_samples // DRAW_BLOCK)
+            self.seeds = torch.randint(0, 2**62, (blocks,), generator=generator).tolist()
+
+    def _call_sampler(self, sampler: Callable, generator, api: str) -> Tensor:
+        out = sampler(self.N, generator)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"{api}: expected prior(n, generator) to return a Tensor[n, P] of flat parameter "
+                            f"vectors, got {type(out).__name__}.")
+        if tuple(out.shape) != (self.N, self.P):
+            raise ValueError(f"{api}: expected prior({self.N}, generator) to return shape ({self.N}, {self.P}) "
+                             f"(num_samples × selected parameters, layout order), got {tuple(out.shape)}.")
+        if not out.is_floating_point() or not bool(torch.isfinite(out).all()):
+            raise ValueError(f"{api}: expected the prior's draws to be finite floating-point values, got "
+                             f"{out.dtype}{' with NaN/Inf' if out.is_floating_point() else ''}.")
+        return out.detach().to(dtype=self.dtype, device=self.device)
+
+    def _block(self, b: int) -> Tensor:
+        if self._cache is not None and self._cache[0] == b:
+            return self._cache[1]
+        rows = min(DRAW_BLOCK, self.N - b * DRAW_BLOCK)
+        gen = torch.Generator().manual_seed(int(self.seeds[b]))
+        Z = torch.randn(rows, self.P, generator=gen, dtype=self.dtype).to(self.device)
+        self._cache = (b, Z)
+        return Z
+
+    def rows(self, start: int, stop: int, theta0: Tensor | None = None) -> Tensor:
+        """Draws ``start … stop − 1`` as ``[stop − start, P]`` (θ₀ = the model's current flat parameters)."""
+        if self.held is not None:
+            return self.held[start:stop]
+        parts, s = [], start
+        while s < stop:
+            b = s // DRAW_BLOCK
+            e = min(stop, (b + 1) * DRAW_BLOCK)
+            parts.append(self._block(b)[s - b * DRAW_BLOCK:e - b * DRAW_BLOCK])
+            s = e
+        Z = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if self.prior.kind == "around":
+            return theta0[None] + self.prior.scale * Z
+        return Z.clone() if len(parts) == 1 else Z
+
+    def all(self) -> Tensor:
+        """All N draws ``[N, P]`` (N·P memory)."""
+        theta0 = _flat_theta(self.objective) if self.prior.kind == "around" else None
+        return self.rows(0, self.N, theta0)
+
+
+def _flat_theta(obj: Objective) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in obj.theta()]).detach()
+
+
+def default_chunk_size(P: int) -> int:
+    """Draws per vmapped chunk: about 2²² gradient entries, 1 … 1024 draws."""
+    return max(1, min(1024, 2**22 // max(1, P)))
+
+
+def _batch_gradients(obj: Objective) -> Callable:
+    """``(Θ [c, P], batch) -> [c, P]``: the gradient of one batch's loss at each of c draws (vmapped)."""
+    numels, shapes = list(obj.layout.numels), list(obj.layout.shapes)
+
+    def batch_loss(flat: Tensor, x, y, index: int) -> Tensor:
+        theta = [t.reshape(s) for t, s in zip(torch.split(flat, numels), shapes)]
+        return obj.loss(obj.forward(theta, x), y, index)
+
+    fn = vmap(grad(batch_loss), in_dims=(0, None, None, None))
+    return lambda Theta, batch: fn(Theta, batch.x, batch.y, batch.index)
+
+
+def gradient_chunks(obj: Objective, draws: _Draws, chunk_size: int | None) -> Iterator[Tensor]:
+    """The whole-data gradients ``∇L(θ_j)`` chunk by chunk, ``[c, P]`` each, in draw order.
+
+    Per chunk one pass over the data (the data loop inside: Σ_b w_b ∇ℓ_b / Σ_b w_b, as the loss).
+    """
+    chunk = default_chunk_size(draws.P) if chunk_size is None else chunk_size
+    with obj.session():
+        fn = _batch_gradients(obj)
+        theta0 = _flat_theta(obj) if draws.prior.kind == "around" else None
+        for s in range(0, draws.N, chunk):
+            Theta = draws.rows(s, min(draws.N, s + chunk), theta0)
+            yield obj.accumulate(lambda b: fn(Theta, b)).detach()
+
+
+class PriorGradientCovariance(Operator):
+    r"""The active-subspace matrix over a parameter prior, matrix-free over a fixed set of draws.
+
+    .. math:: A = \frac{1}{N}\sum_{j=1}^N \nabla L(\theta_j)\,\nabla L(\theta_j)^\top,
+              \qquad \theta_j \sim \rho \ \text{(drawn once, at construction)},
+
+    L the whole-data loss of the objective (module docstring: :mod:`.prior`).  The draws are fixed;
+    with ``("around", σ)`` they are θ₀ + σz_j with z_j fixed and θ₀ the model's parameters at the
+    moment of each product (the operator follows the model).
+
+    **Cost**: a product with K columns computes the N whole-data gradients once (chunks of
+    ``chunk_size`` vmapped draws, one data pass each) and multiplies each chunk G_c by V and back:
+    N gradients + O(N·P·K); memory O(chunk·P + P·K), never N×P (for the built-in priors; a callable
+    prior's N draws are held).  :meth:`gradients` returns G itself.
+
+    **Tags**: symmetric, psd.
+
+    Args:
+        model_or_objective, loss, data, **objective_kwargs: as for :class:`~curvops.Hessian`.
+        prior: ``"standard_normal"``, ``("around", sigma)`` or a callable ``sampler(n, generator)
+            -> Tensor[n, P]`` (flat selected parameters, layout order).
+        num_samples: N, the number of parameter draws.
+        generator: the random source of the draws (default ``torch.Generator().manual_seed(0)``).
+        chunk_size: draws per vmapped chunk (default about 2²² gradient entries).
+
+    Raises:
+        ValueError, TypeError: a bad prior, num_samples or chunk_size; a sampler returning the
+            wrong shape, kind or non-finite values.
+
+    Example:
+        >>> A = PriorGradientCovariance(model, "mse", (X, y), prior="standard_normal",
+        ...                             num_samples=1000)                       # doctest: +SKIP
+        >>> A @ v                                                                 # doctest: +SKIP
+    """
+
+    def __init__(self, model_or_objective, loss=None, data=None, *, prior="standard_normal",
+                 num_samples: int | None = None, generator: torch.Generator | None = None,
+                 chunk_size: int | None = None, **objective_kwargs):
+        api = "PriorGradientCovariance"
+        spec = _parse_prior(prior, api)
+        N = _check_num_samples(num_samples, api)
+        _check_chunk(chunk_size, api)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"{api}: expected a torch.Generator, got {type(generator).__name__}.")
+        obj = make_objective(model_or_objective, loss, data, **objective_kwargs)
+        if obj.loss_fn is None:
+            raise ValueError(f"{api}: the whole-data loss needs a loss; pass loss=.")
+        P = obj.num_params
+        super().__init__((P, P), obj.dtype, obj.device, tags=(_tags.PSD,), domain=obj.layout, range=obj.layout)
+        self.objective, self.prior, self.num_samples, self.chunk_size = obj, spec, N, chunk_size
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.draws = _Draws(spec, N, obj, gen, api)
+
+    def gradient_chunks(self) -> Iterator[Tensor]:
+        """``∇L(θ_j)`` for the fixed draws, ``[c, P]`` per chunk, in draw order (one data pass per chunk)."""
+        return gradient_chunks(self.objective, self.draws, self.chunk_size)
+
+    def gradients(self) -> Tensor:
+        """``G [N, P]``: row j = ∇L(θ_j) (N·P memory)."""
+        G = torch.empty(self.num_samples, self.shape[0], dtype=self.torch_dtype, device=self.device)
+        row = 0
+        for Gc in self.gradient_chunks():
+            G[row:row + Gc.shape[0]] = Gc
+            row += Gc.shape[0]
+        return G
+
+    def parameter_draws(self) -> Tensor:
+        """The N draws ``[N, P]`` (θ₀ read now for ``("around", σ)``)."""
+        return self.draws.all()
+
+    def _matmat_torch(self, V: Tensor) -> Tensor:
+        out = torch.zeros(self.shape[0], V.shape[1], dtype=V.dtype, device=V.device)
+        for Gc in self.gradient_chunks():
+            out.addmm_(Gc.T, Gc @ V)
+        return out / self.num_samples
+
+
+def prior_gradients(model_or_objective, loss=None, data=None, *, prior="standard_normal",
+                    num_samples: int | None = None, generator: torch.Generator | None = None,
+                    chunk_size: int | None = None, **objective_kwargs) -> tuple[Tensor, Tensor]:
+    r"""The whole-data loss gradients at N parameter draws: ``(G [N, P], Θ [N, P])``.
+
+    Row j of G is ∇L(θ_j) (layout order), θ_j row j of Θ; ``G.T @ G / N`` is the prior
+    active-subspace matrix.  The same draws as :func:`active_subspace` with the same ``prior``,
+    ``num_samples`` and ``generator``.
+
+    **Cost**: N whole-data gradients (chunks of vmapped draws, one data pass per chunk);
+    memory 2·N·P.
+
+    Example:
+        >>> G, Theta = prior_gradients(model, "mse", (X, y), num_samples=100)    # doctest: +SKIP
+    """
+    A = PriorGradientCovariance(model_or_objective, loss, data, prior=prior, num_samples=num_samples,
+                                generator=generator, chunk_size=chunk_size, **objective_kwargs)
+    return A.gradients(), A.parameter_draws()
+
+
+__all__ = ["PriorGradientCovariance", "prior_gradients", "DRAW_BLOCK"]

@@ -1,0 +1,156 @@
+r"""``active_subspace(..., prior=...)``: the eigendecomposition of the prior active-subspace matrix
+(:mod:`.prior`) by the same plans and decompositions as the data-sample version (:mod:`.plan`,
+:mod:`.eigenpairs`), with the same bootstrap (over the draws) and result type.
+
+Factor F = G/√N (rows weighted by the bootstrap counts):
+
+* ``stored``: G in memory (chunked gradients written in place), then any dense algorithm;
+* ``streamed``: C = GᵀG/N accumulated chunk by chunk, G never held (all eigenpairs, P small);
+* ``matfree``: products F V and Fᵀ U recompute the gradients chunk by chunk (one gradient pass
+  per product; memory chunk·P plus the Krylov basis) — the top-k path when N·P does not fit.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from ...objective import Objective
+from .bootstrap import _bootstrap
+from .eigenpairs import _decompose
+from .factors import _add_gram, _DenseRows, _finish_gram
+from .inputs import _check_common, _check_k
+from .plan import _choose
+from .prior import PriorGradientCovariance, _check_chunk, _check_num_samples, _parse_prior, default_chunk_size
+from .result import ActiveSubspaceResult, _gaps
+
+
+class _PriorPasses:
+    """F = D G with G recomputed chunk by chunk on every call (streamed and matrix-free paths)."""
+
+    def __init__(self, A: PriorGradientCovariance, multipliers: Tensor | None = None):
+        self.A = A
+        N, P = A.num_samples, A.shape[0]
+        w = torch.ones(N, dtype=A.torch_dtype, device=A.device)
+        w = w if multipliers is None else w * multipliers
+        self.d = (w / w.sum()).sqrt()
+        self.shape = (N, P)
+        self.dtype, self.device = A.torch_dtype, A.device
+        self.num_matvecs = 0
+        self.num_passes = 0
+        self.gradient_seconds = 0.0
+
+    def reweight(self, multipliers: Tensor) -> "_PriorPasses":
+        return _PriorPasses(self.A, multipliers)
+
+    def _chunks(self):
+        self.num_passes += 1
+        row, it = 0, iter(self.A.gradient_chunks())
+        while True:
+            t0 = time.perf_counter()
+            Gc = next(it, None)
+            self.gradient_seconds += time.perf_counter() - t0
+            if Gc is None:
+                return
+            yield row, Gc * self.d[row:row + Gc.shape[0], None]
+            row += Gc.shape[0]
+
+    def matmat(self, V: Tensor) -> Tensor:  # [P, b] -> [N, b]
+        self.num_matvecs += V.shape[1]
+        out = torch.empty(self.shape[0], V.shape[1], dtype=V.dtype, device=V.device)
+        for row, Fc in self._chunks():
+            out[row:row + Fc.shape[0]] = Fc @ V
+        return out
+
+    def rmatmat(self, U: Tensor) -> Tensor:  # [N, b] -> [P, b]
+        self.num_matvecs += U.shape[1]
+        out = torch.zeros(self.shape[1], U.shape[1], dtype=U.dtype, device=U.device)
+        for row, Fc in self._chunks():
+            out.addmm_(Fc.T, U[row:row + Fc.shape[0]])
+        return out
+
+    def covariance(self) -> Tensor:
+        P = self.shape[1]
+        C = torch.zeros(P, P, dtype=self.dtype, device=self.device)
+        for _, Fc in self._chunks():
+            _add_gram(C, Fc)
+        return _finish_gram(C, None)
+
+
+def _reject(api: str, sampler, weights, center, subset, classes, g, has_data: bool) -> None:
+    if sampler is not None:
+        raise TypeError(f"{api}: pass either sampler= (inputs x ~ ρ at fixed parameters) or prior= (parameters "
+                        f"θ ~ ρ over the fixed data set), not both.")
+    if not has_data:
+        raise TypeError(f"{api}: prior= averages the whole-data loss gradient over parameter draws; it needs the "
+                        f"data set (data=, or an Objective), got none.")
+    bad = [name for name, value in (("weights", weights), ("subset", subset), ("classes", classes))
+           if value is not None] + (["center"] if center else [])
+    if bad:
+        raise ValueError(f"{api}: {', '.join(bad)} act on data samples and do not apply to prior= "
+                         f"(the loss is over the whole data set); drop them or leave out prior=.")
+    if not (isinstance(g, str) and g == "loss"):
+        raise ValueError(f"{api}: prior= uses the whole-data loss L(θ); expected g='loss', got {g!r}.")
+
+
+def _prior_active_subspace(model_or_objective, loss, data, *, prior, num_samples, g, k, method, memory_budget,
+                           sampler, weights, center, subset, classes, bootstrap, confidence, tol,
+                           return_eigenvectors, chunk_size, generator, objective_kwargs) -> ActiveSubspaceResult:
+    """The ``prior=`` branch of :func:`~curvops.analysis.active_subspace.active_subspace` (documented there)."""
+    api = "active_subspace"
+    total_start = time.perf_counter()
+    _reject(api, sampler, weights, center, subset, classes, g,
+            data is not None or isinstance(model_or_objective, Objective))
+    spec = _parse_prior(prior, api)
+    N = _check_num_samples(num_samples, api)
+    _check_chunk(chunk_size, api)
+    gen = _check_common(method, memory_budget, tol, generator, api)
+    A = PriorGradientCovariance(model_or_objective, loss, data, prior=spec,
+                                num_samples=N, generator=gen, chunk_size=chunk_size, **objective_kwargs)
+    P = A.shape[0]
+    _check_k(k, N, P, api)
+    item = torch.empty((), dtype=A.torch_dtype).element_size()
+    chunk = default_chunk_size(P) if chunk_size is None else chunk_size
+    vectors = bool(return_eigenvectors) or bootstrap > 0
+    plan = _choose(method, int(memory_budget), k, N, P, item, chunk, bootstrap, vectors, api)
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    if plan.path == "stored":
+        factor = _DenseRows(A.gradients(), torch.ones(N, dtype=A.torch_dtype, device=A.device), False)
+        factor.num_passes = 1
+    else:
+        factor = _PriorPasses(A)
+    timings["gradients"] = time.perf_counter() - start
+    start = time.perf_counter()
+    dec = _decompose(factor, plan.algorithm, k, tol=tol, generator=gen, vectors=vectors)
+    timings["decomposition"] = time.perf_counter() - start
+    if isinstance(factor, _PriorPasses):
+        timings["gradients"] += factor.gradient_seconds
+        timings["decomposition"] -= factor.gradient_seconds
+    lam, W = dec.eigenvalues, dec.eigenvectors
+    boot: dict = {}
+    start = time.perf_counter()
+    if bootstrap:
+        boot = _bootstrap(factor, plan.algorithm, k, lam, W, bootstrap, confidence, tol, gen)
+    timings["bootstrap"] = time.perf_counter() - start
+    timings["total"] = time.perf_counter() - total_start
+    gaps, ratios = _gaps(lam)
+    return ActiveSubspaceResult(
+        eigenvalues=lam, eigenvectors=W if return_eigenvectors else None, gaps=gaps, gap_ratios=ratios,
+        layout=A.objective.layout, method=plan.method, algorithm=f"{_describe(plan)}; prior {spec.description}",
+        num_samples=N, total_weight=float(N), num_params=P, num_matvecs=factor.num_matvecs,
+        num_passes=factor.num_passes, iterations=dec.iterations, converged=dec.converged, residuals=dec.residuals,
+        timings=timings, memory_estimate=plan.memory, bootstrap=bootstrap, confidence=float(confidence), **boot)
+
+
+def _describe(plan) -> str:
+    if plan.path == "matfree":
+        return ("block Krylov SVD of F, gradients recomputed in chunks per product" if plan.algorithm == "krylov"
+                else "eigh of C accumulated from chunked gradients")
+    return plan.description
+
+
+__all__: list[str] = []

@@ -1,0 +1,212 @@
+"""The active subspace over a prior on the parameters (``prior=``, seeds/002 as written) against a naive
+reference: per-draw ``torch.autograd.grad`` of the whole-data loss on a deep copy of the model, in a loop,
+and a dense ``eigh`` of GᵀG/N — sharing no code with the package."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from curvops.analysis.active_subspace import (PriorGradientCovariance, active_subspace, prior_gradients,
+                                              subspace_distance)
+from curvops.analysis.active_subspace.prior import DRAW_BLOCK
+from curvops.testing import contract
+
+D = torch.float64
+
+
+def _problem(loss: str = "mse", seed: int = 0, n: int = 24):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 3), nn.Tanh(), nn.Linear(4 - 1, 2)).to(D)
+    gen = torch.Generator().manual_seed(seed + 1)
+    X = torch.randn(n, 2, generator=gen, dtype=D)
+    y = torch.randint(0, 2, (n,), generator=gen) if loss == "cross_entropy" else torch.randn(n, 2, generator=gen,
+                                                                                             dtype=D)
+    return model, X, y
+
+
+def _num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _naive_gradients(model, loss: str, X, y, Theta, batch_size=None) -> torch.Tensor:
+    """Row j: ∇L(θ_j) of the whole-data mean loss, one autograd.grad per draw (loop over draws)."""
+    fn = nn.functional.mse_loss if loss == "mse" else nn.functional.cross_entropy
+    rows = []
+    for theta in Theta:
+        m = copy.deepcopy(model)
+        nn.utils.vector_to_parameters(theta.clone(), m.parameters())
+        params = list(m.parameters())
+        value = fn(m(X), y)
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)]))
+    return torch.stack(rows)
+
+
+def _naive_eig(G):
+    lam, W = torch.linalg.eigh(G.T @ G / G.shape[0])
+    return lam.flip(0), W.flip(1)
+
+
+class Recorder:
+    """A callable prior that records every draw it hands out."""
+
+    def __init__(self, P, scale=1.0):
+        self.P, self.scale, self.calls = P, scale, []
+
+    def __call__(self, n, generator):
+        T = self.scale * torch.randn(n, self.P, generator=generator, dtype=D)
+        self.calls.append(T.clone())
+        return T
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("method,k", [("snapshot", None), ("snapshot", 4), ("operator", 4), ("operator", None)])
+def test_matches_naive_reference(loss, method, k):
+    model, X, y = _problem(loss)
+    P = _num_params(model)
+    prior = Recorder(P, scale=0.7)
+    N = 40
+    res = active_subspace(model, loss, (X, y), prior=prior, num_samples=N, k=k, method=method, chunk_size=7,
+                          batch_size=10, tol=1e-12, generator=torch.Generator().manual_seed(3))
+    assert len(prior.calls) == 1 and prior.calls[0].shape == (N, P)  # called once, with n = num_samples
+    lam, W = _naive_eig(_naive_gradients(model, loss, X, y, prior.calls[0]))
+    kk = res.k
+    assert kk == (min(N, P) if k is None else k)
+    torch.testing.assert_close(res.eigenvalues, lam[:kk], rtol=0, atol=1e-10 * float(lam[0]))
+    # eigenvectors up to sign: the leading subspaces agree where the spectrum has gaps (all of them here)
+    r = min(kk, 4)
+    assert float(subspace_distance(res.eigenvectors[:, :r], W[:, :r])) < 1e-9
+    for j in range(r):
+        assert abs(abs(float(res.eigenvectors[:, j] @ W[:, j])) - 1) < 1e-10
+
+
+def test_standard_normal_draws_and_chunking():
+    model, X, y = _problem()
+    P, N = _num_params(model), DRAW_BLOCK + 13  # two draw blocks
+    G, Theta = prior_gradients(model, "mse", (X, y), num_samples=N, generator=torch.Generator().manual_seed(5),
+                               chunk_size=50)
+    assert Theta.shape == (N, P) and abs(float(Theta.std()) - 1) < 0.05 and abs(float(Theta.mean())) < 0.02
+    torch.testing.assert_close(G, _naive_gradients(model, "mse", X, y, Theta), rtol=1e-12, atol=1e-12)
+    # the same draws whatever the chunk size (a chunk smaller than N, one chunk, chunks crossing blocks)
+    for chunk in (N, 1000, 17):
+        G2, T2 = prior_gradients(model, "mse", (X, y), num_samples=N, generator=torch.Generator().manual_seed(5),
+                                 chunk_size=chunk)
+        assert torch.equal(T2, Theta)
+        torch.testing.assert_close(G2, G, rtol=1e-13, atol=1e-13)
+    lam, _ = _naive_eig(G)
+    res = active_subspace(model, "mse", (X, y), prior="standard_normal", num_samples=N,
+                          generator=torch.Generator().manual_seed(5), chunk_size=9)
+    torch.testing.assert_close(res.eigenvalues, lam[:P], rtol=0, atol=1e-10 * float(lam[0]))
+
+
+def test_chunk_smaller_than_n_gives_the_same_result():
+    model, X, y = _problem()
+    kw = dict(prior="standard_normal", num_samples=60, k=3, bootstrap=4)
+    a = active_subspace(model, "mse", (X, y), chunk_size=60, generator=torch.Generator().manual_seed(1), **kw)
+    b = active_subspace(model, "mse", (X, y), chunk_size=7, generator=torch.Generator().manual_seed(1), **kw)
+    torch.testing.assert_close(a.eigenvalues, b.eigenvalues, rtol=1e-12, atol=0)
+    torch.testing.assert_close(a.eigenvectors, b.eigenvectors, rtol=0, atol=1e-10)
+    torch.testing.assert_close(a.eigenvalue_lower, b.eigenvalue_lower, rtol=1e-12, atol=0)
+    c = active_subspace(model, "mse", (X, y), chunk_size=7, method="operator",
+                        generator=torch.Generator().manual_seed(1), tol=1e-12, **kw)
+    torch.testing.assert_close(c.eigenvalues, a.eigenvalues, rtol=1e-10, atol=0)
+    assert c.method == "operator" and a.method == "snapshot"
+    assert a.bootstrap_eigenvalues.shape == (4, 3)
+    assert torch.all(a.eigenvalue_lower <= a.eigenvalue_upper)
+    frac = a.layer_sensitivity()
+    torch.testing.assert_close(frac.sum(0), torch.ones(3, dtype=D))
+
+
+def test_around_prior_is_centred_on_the_model():
+    model, X, y = _problem()
+    theta0 = nn.utils.parameters_to_vector(model.parameters()).detach()
+    G, Theta = prior_gradients(model, "mse", (X, y), prior=("around", 0.01), num_samples=30)
+    assert float((Theta - theta0).abs().max()) < 0.1 and float((Theta - theta0).std()) == pytest.approx(0.01, rel=0.2)
+    torch.testing.assert_close(G, _naive_gradients(model, "mse", X, y, Theta), rtol=1e-12, atol=1e-12)
+
+
+def test_operator_products_match_dense():
+    model, X, y = _problem("cross_entropy")
+    P = _num_params(model)
+    A = PriorGradientCovariance(model, "cross_entropy", (X, y), num_samples=33, chunk_size=8,
+                                generator=torch.Generator().manual_seed(2))
+    G = _naive_gradients(model, "cross_entropy", X, y, A.parameter_draws())
+    V = torch.randn(P, 3, dtype=D)
+    torch.testing.assert_close(A @ V, G.T @ (G @ V) / 33, rtol=1e-11, atol=1e-12)
+    assert A.shape == (P, P) and A.is_symmetric
+    d = {n: t.detach().clone() for n, t in model.named_parameters()}
+    out = A @ d  # parameter dicts in, dicts out
+    assert set(out) == set(d)
+
+
+def test_deterministic_with_a_generator():
+    model, X, y = _problem()
+    a = active_subspace(model, "mse", (X, y), prior="standard_normal", num_samples=30, k=2,
+                        generator=torch.Generator().manual_seed(4))
+    b = active_subspace(model, "mse", (X, y), prior="standard_normal", num_samples=30, k=2,
+                        generator=torch.Generator().manual_seed(4))
+    c = active_subspace(model, "mse", (X, y), prior="standard_normal", num_samples=30, k=2,
+                        generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a.eigenvalues, b.eigenvalues) and not torch.equal(a.eigenvalues, c.eigenvalues)
+
+
+def test_model_left_untouched():
+    model, X, y = _problem()
+    model.train()
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    before = contract.snapshot(model)
+    active_subspace(model, "mse", (X, y), prior=("around", 0.1), num_samples=20, k=2, bootstrap=2)
+    active_subspace(model, "mse", (X, y), prior="standard_normal", num_samples=20, method="operator", k=2)
+    contract.assert_unchanged(before, contract.snapshot(model))
+
+
+def test_errors():
+    model, X, y = _problem()
+    P = _num_params(model)
+    data = (X, y)
+    with pytest.raises(TypeError, match="either sampler=.*or prior=.*not both"):
+        active_subspace(model, "mse", None, prior="standard_normal", num_samples=10,
+                        sampler=lambda n, g: (torch.randn(n, 2, dtype=D), torch.randn(n, 2, dtype=D)))
+    with pytest.raises(ValueError, match="prior= needs num_samples"):
+        active_subspace(model, "mse", data, prior="standard_normal")
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="num_samples to be a positive integer"):
+            active_subspace(model, "mse", data, prior="standard_normal", num_samples=bad)
+    with pytest.raises(ValueError, match="expected prior to be 'standard_normal'"):
+        active_subspace(model, "mse", data, prior="normal", num_samples=10)
+    with pytest.raises(ValueError, match=r"needs a scale: pass prior=\('around', sigma\)"):
+        active_subspace(model, "mse", data, prior="around", num_samples=10)
+    for bad in (("around", 0), ("around", -1.0), ("around", float("inf"))):
+        with pytest.raises(ValueError, match="positive, finite sigma"):
+            active_subspace(model, "mse", data, prior=bad, num_samples=10)
+    with pytest.raises(TypeError, match="expected prior to be"):
+        active_subspace(model, "mse", data, prior=3, num_samples=10)
+    with pytest.raises(ValueError, match=rf"return shape \(10, {P}\)"):
+        active_subspace(model, "mse", data, prior=lambda n, g: torch.randn(n, P + 1, dtype=D), num_samples=10)
+    with pytest.raises(TypeError, match="return a Tensor"):
+        active_subspace(model, "mse", data, prior=lambda n, g: [0.0] * n, num_samples=10)
+    with pytest.raises(ValueError, match="finite floating-point"):
+        active_subspace(model, "mse", data, prior=lambda n, g: torch.full((n, P), float("nan"), dtype=D),
+                        num_samples=10)
+    with pytest.raises(ValueError, match="subset.*do not apply to prior="):
+        active_subspace(model, "mse", data, prior="standard_normal", num_samples=10, subset=[0, 1])
+    with pytest.raises(ValueError, match="center act on data samples and do not apply to prior="):
+        active_subspace(model, "mse", data, prior="standard_normal", num_samples=10, center=True)
+    with pytest.raises(ValueError, match="expected g='loss'"):
+        active_subspace(model, "mse", data, prior="standard_normal", num_samples=10, g=lambda o, t: o[:, 0])
+    with pytest.raises(TypeError, match="needs the data set"):
+        active_subspace(model, "mse", None, prior="standard_normal", num_samples=10)
+    with pytest.raises(ValueError, match="chunk_size to be a positive integer"):
+        active_subspace(model, "mse", data, prior="standard_normal", num_samples=10, chunk_size=0)
+    with pytest.raises(ValueError, match=r"1 ≤ k ≤ min\(N, P\) = 10"):
+        active_subspace(model, "mse", data, prior="standard_normal", num_samples=10, k=11)
+    with pytest.raises(ValueError, match="prior= needs num_samples"):
+        PriorGradientCovariance(model, "mse", data)
+
+
+def test_without_prior_the_data_path_is_unchanged():
+    model, X, y = _problem()
+    a = active_subspace(model, "mse", (X, y), k=3)
+    assert "prior" not in a.algorithm and a.num_samples == X.shape[0]
