@@ -210,3 +210,22 @@ def test_without_prior_the_data_path_is_unchanged():
     model, X, y = _problem()
     a = active_subspace(model, "mse", (X, y), k=3)
     assert "prior" not in a.algorithm and a.num_samples == X.shape[0]
+
+
+def test_example_runs_quick(tmp_path, capsys):
+    """examples/active_subspace_prior.py through its command line, small (as CI runs it)."""
+    import pathlib
+    import runpy
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "active_subspace_prior.py"
+    mod = runpy.run_path(str(path), run_name="example")
+    res = mod["cli"](["--quick", "--out", str(tmp_path / "asp")])
+    for fig in ("eigenvalues", "eigenvectors"):
+        assert (tmp_path / f"asp_{fig}.png").stat().st_size > 10_000
+    out = capsys.readouterr().out
+    assert "finding 1" in out and "finding 2" in out and "finding 3" in out and "vs the seed" in out
+    assert res["agree"] < 1e-6 and res["agree_vec"] < 1e-6  # top-k against the dense decomposition
+    # the spectrum is the dense eigendecomposition of GᵀG/N of the same draws (naive loop)
+    full = res["full"]
+    assert full.k == res["P"] and torch.all(full.eigenvalues[:-1] >= full.eigenvalues[1:])
+    torch.testing.assert_close(res["lead"].sum(), torch.tensor(1.0, dtype=D))
