@@ -150,3 +150,35 @@ def test_token_loss_errors_say_what_is_expected():
         Hessian(model, "causal_lm", [{"input_ids": ids, "labels": labels[:, 0]}]) @ torch.zeros(83, dtype=D)
     with pytest.raises(ValueError, match="unknown loss name 'causal'.*causal_lm"):
         Hessian(model, "causal", [{"input_ids": ids, "labels": labels}])
+
+
+def test_per_sequence_gradients_of_a_huggingface_model_fall_back_to_autograd():
+    """vmap cannot batch GPT-2 (data-dependent control flow); per-sample gradients then run one
+    sequence at a time by plain autograd — against the hand-written shifted loss per sequence."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=V, n_positions=8, n_embd=8, n_layer=1, n_head=2,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).to(D).eval()
+    ids, mask, labels = data(2)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    C = curvops.GradientCovariance(model, "causal_lm", [batch])
+    G, w = C.sample_gradients()
+    assert "one sample at a time" in C.last_path
+    names = [n for n, _ in model.named_parameters()]
+    params = list(model.parameters())
+    rows = []
+    for i in range(B):
+        if not bool((labels[i, 1:] != -100).any()):
+            continue  # no counted token: no loss (left out, as in the empirical Fisher)
+        theta = [p.detach().clone().requires_grad_() for p in params]
+        logits = torch.func.functional_call(model, dict(zip(names, theta)), (),
+                                            {"input_ids": ids[i:i + 1], "attention_mask": mask[i:i + 1]}).logits
+        loss = nn.functional.cross_entropy(logits[0, :-1], labels[i, 1:], ignore_index=-100)
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, theta)]))
+    assert_matches(G, torch.stack(rows), rtol=1e-10)
+    r = curvops.active_subspace(model, "causal_lm", [batch], k=2)
+    top = torch.linalg.eigvalsh(torch.stack(rows).T @ torch.stack(rows) / len(rows))[-2:].flip(0)
+    assert_matches(r.eigenvalues[:2], top, rtol=1e-8)

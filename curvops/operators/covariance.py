@@ -344,12 +344,15 @@ class GradientCovariance(Operator):
                     y = None if kept.y is None else _tree_map(lambda t: t[s:s + c], kept.y)
                     try:
                         parts = per_sample(theta, x, y)
-                    except RuntimeError as err:  # torch.func refuses the model: one sample at a time
-                        if not _autodiff.refuses_functorch(err):
-                            raise
-                        _autodiff.note(obj, "functorch", False)
+                    except RuntimeError as err:
+                        # torch.func refuses the model (a legacy autograd.Function), or vmap cannot
+                        # batch it (data-dependent control flow, .item(): HuggingFace models): one
+                        # sample at a time by plain autograd — exact; a genuine error raises again there
+                        if _autodiff.refuses_functorch(err):
+                            _autodiff.note(obj, "functorch", False)
                         per_sample = _loop_grad(one)
                         parts = per_sample(theta, x, y)
+                        self.last_path = "per-sample gradients one sample at a time (torch.autograd)"
                     n = parts[0].shape[0]
                     G = torch.cat([p.reshape(n, -1) for p in parts], dim=1)
                     consume(G, w[s:s + c])

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-LOSSES = ("mse", "cross_entropy", "bce_with_logits")
+LOSSES = ("mse", "cross_entropy", "bce_with_logits", "causal_lm", "token_cross_entropy")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 _DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
