@@ -729,7 +729,7 @@ def test_load_problem_leaves_a_given_checkpoint_and_loads_it(user):
     (dict(data="{name}:load_bad_targets"), r"--loss: expected targets that fit 'cross_entropy'.*class targets"),
     (dict(data="{name}:load_nothing"), r"--data: expected '.*:load_nothing' to return \(X, y\) tensors or a torch "
                                        r"DataLoader, got a str"),
-    (dict(loss="hinge"), r"--loss: expected one of \['mse', 'cross_entropy', 'bce_with_logits'\], got 'hinge' "
+    (dict(loss="hinge"), r"--loss: expected one of \['mse', 'cross_entropy', 'bce_with_logits', 'causal_lm', 'token_cross_entropy'\], got 'hinge' "
                          r"\(unknown loss\)"),
     (dict(params="0.weight,nope"), r"--params: expected names of the model's parameters, got unknown \['nope'\]"),
     (dict(dtype="float16"), r"--dtype: expected one of \['float32', 'float64'\], got 'float16'"),
