@@ -2,8 +2,8 @@
 loss landscapes, active subspaces, averages over data/runs/checkpoints, tracking and decompositions."""
 
 from .active_subspace import (
-    ActiveSubspaceConvergence, ActiveSubspaceResult, active_subspace, active_subspace_convergence, per_sample_gradients,
-    subspace_distance, subspace_distances,
+    ActiveSubspaceConvergence, ActiveSubspaceResult, PriorGradientCovariance, active_subspace,
+    active_subspace_convergence, per_sample_gradients, prior_gradients, subspace_distance, subspace_distances,
 )
 from .averages import SubsetOperators, across_checkpoints, across_models, average, per_subset
 from .decompose import NMFResult, PCAResult, nmf, pca
@@ -18,5 +18,5 @@ __all__ = ["StationaryPointResult", "classify_stationary_point", "QuadraticModel
            "random_direction", "filter_normalize", "per_subset", "average", "across_models",
            "across_checkpoints", "SubsetOperators", "track", "TrackResult", "pca", "PCAResult", "nmf", "NMFResult",
            "active_subspace", "active_subspace_convergence", "per_sample_gradients", "subspace_distance",
-           "subspace_distances", "ActiveSubspaceResult", "ActiveSubspaceConvergence",
+           "subspace_distances", "ActiveSubspaceResult", "ActiveSubspaceConvergence", "PriorGradientCovariance", "prior_gradients",
            "ResponseJacobian", "hypergradient", "HypergradientResult", "StationarityWarning"]
