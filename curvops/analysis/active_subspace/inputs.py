@@ -95,8 +95,9 @@ def _covariance(model_or_objective, loss, data, g, sampler, num_samples, weights
             raise TypeError(f"{api}: pass either data or sampler=, not both.")
         data = _sampled_data(model_or_objective, loss, g, sampler, num_samples, gen, kwargs, api)
     elif num_samples is not None:
-        raise ValueError(f"{api}: num_samples applies to sampler= draws only; to use part of the data pass "
-                         f"subset= (got num_samples={num_samples!r} without a sampler).")
+        raise ValueError(f"{api}: num_samples applies to draws only — of inputs x ~ ρ (sampler=) or of parameters "
+                         f"θ ~ ρ (prior=); to use part of the data pass subset= (got num_samples={num_samples!r} "
+                         f"with neither).")
     return GradientCovariance(model_or_objective, loss, data, g=g, weights=weights, center=center, subset=subset,
                               classes=classes, **kwargs)
 
