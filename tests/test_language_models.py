@@ -182,3 +182,21 @@ def test_per_sequence_gradients_of_a_huggingface_model_fall_back_to_autograd():
     r = curvops.active_subspace(model, "causal_lm", [batch], k=2)
     top = torch.linalg.eigvalsh(torch.stack(rows).T @ torch.stack(rows) / len(rows))[-2:].flip(0)
     assert_matches(r.eigenvalues[:2], top, rtol=1e-8)
+
+
+def test_report_of_a_causal_lm_shifts_the_targets_once(tmp_path):
+    """The report hands raw batches to its analyses: an active subspace of a "causal_lm" model in the
+    report equals the library call on the same data (the shift applied once, not twice)."""
+    from curvops.report import build_report
+
+    torch.manual_seed(0)
+    model = TinyLM().to(D)
+    ids, mask, labels = data(3)
+    batches = [{"input_ids": ids[:3], "attention_mask": mask[:3], "labels": labels[:3]},
+               {"input_ids": ids[3:], "attention_mask": mask[3:], "labels": labels[3:]}]
+    summary = build_report(model, "causal_lm", batches, tmp_path / "r", quick=True, progress=False,
+                           sections=["overview", "active_subspace"])
+    assert not summary["failed_sections"], summary["failed_sections"]
+    got = torch.tensor(summary["sections"]["active_subspace"]["eigenvalues"], dtype=D)
+    want = curvops.active_subspace(model, "causal_lm", batches, k=None).eigenvalues[:got.numel()]
+    assert_matches(got, want, rtol=1e-8)

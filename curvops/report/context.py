@@ -85,12 +85,22 @@ class Context:
         return torch.Generator(device=self.device).manual_seed(self.seed)
 
     def first_samples(self, n: int):
-        """``(x, y)`` of the first ``n`` samples of the data (on the device, in the model's dtype)."""
+        """``(x, y)`` of the first ``n`` samples of the data as the user gave them (on the device, in
+        the model's dtype): targets *before* the loss's own transformation (e.g. the causal-LM
+        shift), since they go to a new objective with the same loss."""
+        from .._data import leading_dim, tree_map
+
+        obj = self.objective
         xs, ys, count = [], [], 0
-        for batch in self.objective.batches():
-            take = min(batch.n, n - count)
-            xs.append(_tree_slice(batch.x, take))
-            ys.append(_tree_slice(batch.y, take))
+        for index, raw in enumerate(obj.data):
+            x, y = obj._split(raw, index)
+            x = tree_map(lambda t: obj._to_device(t, index), x)
+            y = tree_map(lambda t: obj._to_device(t, index), y)
+            take = min(leading_dim(x, y), n - count)
+            if take <= 0:
+                continue
+            xs.append(_tree_slice(x, take))
+            ys.append(_tree_slice(y, take))
             count += take
             if count >= n:
                 break
