@@ -15,10 +15,9 @@ own loss).
   Hutch++ its trace: where the curvature lives, layer by layer.  The block traces add up to the
   trace of H (the diagonal blocks hold its whole diagonal).
 
-Run:  python examples/transformer_curvature.py [out.png]       (writes transformer_curvature.png)
+Run:  python examples/transformer_curvature.py [--quick] [--out FILE]   (writes transformer_curvature.png)
 """
 
-import sys
 
 import matplotlib
 
@@ -126,5 +125,19 @@ def main(path: str = "transformer_curvature.png", *, n_layer: int = 3, n_embd: i
             "traces": traces, "groups": groups, "loss": loss, "P": P}
 
 
+QUICK = dict(n_layer=2, n_embd=16, train_steps=30, top=3, num_probes=2, num_steps=15, trace_matvecs=33)
+
+
+def cli(argv=None) -> dict:
+    """The command line: ``--help`` prints this and exits, ``--quick`` runs small, ``--out`` the figure's path."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="transformer_curvature.png", help="the figure's path (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds (as CI runs it)")
+    args = parser.parse_args(argv)
+    return main(args.out, **(QUICK if args.quick else {}))
+
+
 if __name__ == "__main__":
-    main(*(sys.argv[1:2]))
+    cli()

@@ -17,8 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_transformer_curvature_example(tmp_path, capsys):
     mod = runpy.run_path(str(ROOT / "examples" / "transformer_curvature.py"), run_name="example")
-    res = mod["main"](str(tmp_path / "tc.png"), n_layer=2, n_embd=16, train_steps=30, top=3, num_probes=2,
-                      num_steps=15, trace_matvecs=33)
+    res = mod["cli"](["--quick", "--out", str(tmp_path / "tc.png")])  # as a user types it
     assert (tmp_path / "tc.png").stat().st_size > 20_000
     H, model, batch = res["H"], res["model"], res["batch"]
     assert res["P"] == sum(p.numel() for p in model.parameters())  # tied lm_head counted once
