@@ -108,7 +108,8 @@ def shuffling_sampler(data) -> str | None:
     return None
 
 
-def as_batches(data, batch_size, *, has_loss: bool, target_key: str | None, allow_stochastic: bool):
+def as_batches(data, batch_size, *, has_loss: bool, target_key: str | None, allow_stochastic: bool,
+               sharded: bool = False):
     """Validate the data's kind (no pass over it) and return a re-iterable of raw batches."""
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"Objective: batch_size must be a positive integer, got {batch_size!r}.")
@@ -120,16 +121,16 @@ def as_batches(data, batch_size, *, has_loss: bool, target_key: str | None, allo
                 f"needs targets. Put the targets under {target_key!r}, pass target_key= naming their key, or "
                 f"pass data=(inputs, y)."
             )
-        return _split_checked(x, y, batch_size)
+        return _split_checked(x, y, batch_size, sharded)
     if isinstance(data, Tensor):
         if has_loss:
             raise ValueError(
                 "Objective: the data is a single tensor (inputs only), but the loss needs targets. "
                 "Pass data=(X, y), a list of (inputs, target) batches or a DataLoader."
             )
-        return _split_checked(data, None, batch_size)
+        return _split_checked(data, None, batch_size, sharded)
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], Tensor):
-        return _split_checked(data[0], data[1], batch_size)
+        return _split_checked(data[0], data[1], batch_size, sharded)
     if batch_size is not None:
         raise ValueError("Objective: batch_size= only applies to data given as an (X, y) pair of tensors "
                          "(or a dict of tensors); a list of batches or a DataLoader is already batched.")
@@ -142,14 +143,15 @@ def as_batches(data, batch_size, *, has_loss: bool, target_key: str | None, allo
                 f"then converge to nonsense. Build it with shuffle=False (the curvature of the whole data set "
                 f"does not depend on the order), or pass allow_stochastic=True to accept a random operator."
             )
+        _warn_padding(data)
         try:
-            if len(data) == 0:
+            if len(data) == 0 and not sharded:  # a rank's empty shard adds nothing to the sums over ranks
                 raise ValueError("Objective: the DataLoader is empty (0 batches).")
         except TypeError:  # iterable datasets have no length
             pass
         return data
     if isinstance(data, (list, tuple)):
-        if len(data) == 0:
+        if len(data) == 0 and not sharded:
             raise ValueError("Objective: the data is empty (0 batches).")
         return data
     if isinstance(data, Iterable):
@@ -162,9 +164,9 @@ def as_batches(data, batch_size, *, has_loss: bool, target_key: str | None, allo
     raise TypeError(f"Objective: expected data as (X, y), a list of batches or a DataLoader, got {type(data).__name__}.")
 
 
-def _split_checked(x, y, batch_size) -> SplitBatches:
+def _split_checked(x, y, batch_size, sharded: bool = False) -> SplitBatches:
     split = SplitBatches(x, y, batch_size)
-    if split.n == 0:
+    if split.n == 0 and not sharded:
         raise ValueError("Objective: the data is empty (0 samples).")
     return split
 
@@ -189,3 +191,22 @@ def dict_style_for(model, keys: frozenset) -> str:
         f"Objective: dict inputs with keys {sorted(map(str, keys))} fit neither model(**inputs) nor model(inputs) "
         f"for forward{sig}. Pass call='kwargs' or call='positional'."
     )
+
+
+def _warn_padding(data: DataLoader) -> None:
+    """DistributedSampler(drop_last=False) repeats samples so that every rank gets as many: say so."""
+    import warnings
+
+    from torch.utils.data.distributed import DistributedSampler
+
+    s = getattr(data, "sampler", None)
+    if isinstance(s, DistributedSampler) and not s.drop_last:
+        try:
+            n = len(s.dataset)
+        except TypeError:
+            return
+        if n % s.num_replicas:
+            warnings.warn(f"Objective: DistributedSampler pads {n} samples to {s.total_size} over {s.num_replicas} "
+                          f"ranks by repeating {s.total_size - n} of them, so the operator counts those twice. "
+                          f"For the exact whole-data matrix shard the data yourself (e.g. X[rank::world_size]).",
+                          stacklevel=4)

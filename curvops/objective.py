@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader
 
+from ._distributed import Sharded, unwrap
 from ._data import Batch, SplitBatches, as_batches, dict_style_for, leading_dim, split_dict, tree_leaves, tree_map
 from ._losses import (TOKEN_LOSSES, check_target, denominator, resolve_loss, sample_denominators, token_layout,
                       token_targets)
@@ -45,7 +46,7 @@ _resolve_loss = resolve_loss
 __all__ = ["Objective", "Batch"]
 
 
-class Objective(ModelState):
+class Objective(ModelState, Sharded):
     r"""Model, loss and data as pure functions of the selected parameters.
 
     The objective always uses the parameters and buffers the model has *now*: every pass
@@ -84,6 +85,9 @@ class Objective(ModelState):
             positional argument.
         allow_stochastic: accept dropout / BatchNorm in train mode and shuffling DataLoaders (the
             operator then changes from product to product; see :func:`curvops.check_deterministic`).
+        process_group, distributed: shard the data over ``torch.distributed`` ranks (a group, or
+            ``distributed=True`` for the default one): each rank passes its own shard, and every
+            pass ends with one all-reduce, so each rank gets the full-data result (docs/distributed.md).
 
     **Normalization** (defined once, used by every operator; docs/conventions.md has the table).
     The whole-data loss is
@@ -136,7 +140,11 @@ class Objective(ModelState):
         target_key: str | None = "labels",
         call: str = "auto",
         allow_stochastic: bool = False,
+        process_group=None,
+        distributed: bool = False,
     ):
+        self._init_distributed(process_group, distributed)
+        model = unwrap(model)  # DistributedDataParallel: its module (no DDP forward, no hooks)
         self.loss_fn, self.reduction, self.loss_kind, self.loss_module = resolve_loss(loss, reduction)
         self.output = output
         self._layout = self._targets = None
@@ -201,7 +209,7 @@ class Objective(ModelState):
                 raise ValueError(f"Objective: parameter {n!r} contains NaN or Inf; fix the model before measuring curvature.")
         self.layout = ParamLayout(self._names, tuple(v.shape for v in values))
         self.data = as_batches(data, batch_size, has_loss=self.loss_fn is not None, target_key=target_key,
-                               allow_stochastic=allow_stochastic)
+                               allow_stochastic=allow_stochastic, sharded=self.process_group is not None)
         # Value checks (NaN/Inf, target shapes and ranges) run on every pass over a DataLoader or
         # other iterable (its batches may change), but only on the first full pass over fixed
         # tensors (a list of batches or an (X, y) pair): later passes skip the scans.
@@ -362,7 +370,7 @@ class Objective(ModelState):
             y = tree_map(lambda t: self._to_device(t, index), y)
             count += 1
             yield Batch(x, y, n, index)
-        if count == 0:
+        if count == 0 and self.process_group is None:  # an empty shard adds nothing
             raise ValueError("Objective: the data produced no batches with samples in them (every batch is empty).")
         self._validated = True
 
@@ -430,18 +438,25 @@ class Objective(ModelState):
             return t.to(device=self.device, dtype=self.dtype, non_blocking=True)
         return t.to(device=self.device, non_blocking=True)
 
-    def accumulate(self, per_batch: Callable[[Batch], Tensor]) -> Tensor:
-        """Σ_b w_b · per_batch(b) with the whole-data normalization (one pass)."""
-        acc, total = None, 0.0
-        for batch in self.batches():
-            w = self.batch_weight(batch)
-            if w == 0:
-                continue  # every target of the batch is ignored
-            r = per_batch(batch)
-            r = r * w if self.reduction == "mean" else r
-            acc = r if acc is None else acc.add_(r)
-            total += w
+    def accumulate(self, per_batch: Callable[[Batch], Tensor], shape: tuple | None = None) -> Tensor:
+        """Σ_b w_b · per_batch(b) with the whole-data normalization (one pass; summed over ranks)."""
+        def run():
+            acc, total = None, 0.0
+            for batch in self.batches():
+                w = self.batch_weight(batch)
+                if w == 0:
+                    continue  # every target of the batch is ignored
+                r = per_batch(batch)
+                r = r * w if self.reduction == "mean" else r
+                acc = r if acc is None else acc.add_(r)
+                total += w
+            return (self.zeros(shape) if acc is None and shape is not None else acc), total
+
+        acc, total = self.reduce_pass(run, lambda: self.zeros(shape))
         return self.normalize(acc, total)
+
+    def zeros(self, shape) -> Tensor:
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     @contextlib.contextmanager
     def session(self):
@@ -468,7 +483,7 @@ class Objective(ModelState):
         """The whole-data loss L(θ) (one pass)."""
         with self.session(), torch.no_grad():
             theta = self.theta()
-            return float(self.accumulate(lambda b: self.loss(self.forward(theta, b.x), b.y, b.index)))
+            return float(self.accumulate(lambda b: self.loss(self.forward(theta, b.x), b.y, b.index), ()))
 
     def gradient(self) -> Tensor:
         """∇L(θ) as a flat vector (one pass)."""
@@ -480,4 +495,4 @@ class Objective(ModelState):
             return torch.cat([(torch.zeros_like(t) if g is None else g).reshape(-1) for g, t in zip(grads, theta)])
 
         with self.session():
-            return self.accumulate(per_batch)
+            return self.accumulate(per_batch, (self.num_params,))

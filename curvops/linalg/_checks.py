@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import numpy as np
 import torch
@@ -137,8 +138,14 @@ def check_flag(value, name: str, api: str) -> bool:
     return bool(value)
 
 
-def check_generator(generator, api: str, device: torch.device | str | None = None) -> torch.Generator | None:
+def check_generator(generator, api: str, device: torch.device | str | None = None, *,
+                    operator=None) -> torch.Generator | None:
     """``None``, a :class:`torch.Generator`, or an int seed turned into a seeded generator.
+
+    ``None`` for a distributed operator (one with a ``process_group``: ``operator``, or else the
+    caller's operator ``A``, which every algorithm passes as ``A.device``) gives a new generator
+    seeded from rank 0 (one small broadcast), so every rank draws the same probes and every rank's
+    algorithm sees the same numbers; ``None`` otherwise stays None (torch's default generator).
 
     An int seed (a Python or numpy integer in ``[0, 2**64 − 1]``) gives a new generator on
     ``device`` (the operator's; a CPU generator where the device has none, e.g. ``meta``),
@@ -149,7 +156,9 @@ def check_generator(generator, api: str, device: torch.device | str | None = Non
         TypeError: anything else (a float, a string, numpy's ``Generator``/``RandomState``).
         ValueError: a negative or too large seed.
     """
-    if generator is None or isinstance(generator, torch.Generator):
+    if generator is None:
+        return _rank_consistent(operator if operator is not None else sys._getframe(1).f_locals.get("A"), device)
+    if isinstance(generator, torch.Generator):
         return generator
     if is_int(generator):
         seed = int(generator)
@@ -166,3 +175,19 @@ def check_generator(generator, api: str, device: torch.device | str | None = Non
         f"{api}: expected a torch.Generator, an int seed or None for generator, got {_describe(generator)}. "
         f"Pass generator=torch.Generator().manual_seed(0) or simply generator=0."
     )
+
+
+def _rank_consistent(A, device) -> torch.Generator | None:
+    """A generator seeded identically on every rank of ``A.process_group`` (None without one)."""
+    group = getattr(A, "process_group", None)
+    if group is None:
+        return None
+    from .._distributed import broadcast_seed
+
+    dev = torch.device(device) if device is not None else torch.device(getattr(A, "device", "cpu"))
+    seed = broadcast_seed(group, dev)
+    try:
+        gen = torch.Generator(device=dev)
+    except RuntimeError:
+        gen = torch.Generator()
+    return gen.manual_seed(seed)

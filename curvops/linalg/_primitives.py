@@ -172,7 +172,7 @@ def _check_eig_args(tol, max_iters, generator, A, api: str, tol_name: str = "tol
     """The eigensolver's tolerance, step cap and random source, checked under the caller's name."""
     tol = check_real(tol, tol_name, api, minimum=0.0, fix=f"{tol_name}=0 means machine precision.")
     max_iters = check_optional_int(max_iters, "max_iters", api, minimum=1)
-    return tol, max_iters, check_generator(generator, api, A.device)
+    return tol, max_iters, check_generator(generator, api, A.device, operator=A)
 
 
 def _unit_block(n: int, start: int, stop: int, dtype, device) -> Tensor:

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .._modes import product_mode
 from ..objective import Batch, Objective
 from . import _autodiff
 from . import tags as _tags
@@ -68,6 +69,8 @@ class CurvatureOperator(Operator):
         self.max_columns = max_columns
         #: which kernel ran in the last product (for diagnostics and benchmarks)
         self.last_path: str | None = None
+        #: the torch.distributed group the data is sharded over (None: one process)
+        self.process_group = objective.process_group
 
     def _batch_weight(self, batch: Batch) -> float:
         """w_b: the product is Σ_b w_b (batch term) / Σ_b w_b for 'mean', Σ_b (batch term) for 'sum'."""
@@ -95,18 +98,26 @@ class CurvatureOperator(Operator):
         # bf16/fp16 models: each batch term in the model's precision, the sum over batches in float32
         acc_dtype = torch.float32 if V.dtype in (torch.bfloat16, torch.float16) else V.dtype
         acc = [torch.zeros(K, *shape, dtype=acc_dtype, device=V.device) for shape in obj.layout.shapes]
-        total = 0.0
-        with obj.session():
-            for batch in obj.batches():
-                weight = self._batch_weight(batch)  # d_b for 'mean' (0: every target ignored), 1 for 'sum'
-                if weight == 0:
-                    continue
-                state = self._prepare(batch)
-                for s, Vs in zip(starts, chunks):
-                    self._batch_accumulate(batch, Vs, state, [a[s:s + Vs[0].shape[0]] for a in acc], weight)
-                total += weight
-                del state
-        return obj.normalize(join_columns(acc, K), total).to(V.dtype)
+
+        def run():  # this rank's shard (all the data without a process group)
+            total = 0.0
+            with obj.session():
+                for batch in obj.batches():
+                    weight = self._batch_weight(batch)  # d_b for 'mean' (0: every target ignored), 1 for 'sum'
+                    if weight == 0:
+                        continue
+                    state = self._prepare(batch)
+                    for s, Vs in zip(starts, chunks):
+                        self._batch_accumulate(batch, Vs, state, [a[s:s + Vs[0].shape[0]] for a in acc], weight)
+                    total += weight
+                    del state
+            return join_columns(acc, K), total
+
+        # with a process group: + one all-reduce of the [P, K] block and the total weight
+        out, total = obj.reduce_pass(run, lambda: torch.zeros(obj.num_params, K, dtype=acc_dtype, device=V.device),
+                                     type(self).__name__)
+        with product_mode():
+            return obj.normalize(out, total).to(V.dtype)
 
 
 def output_space(objective: Objective, batch: Batch, theta: Sequence[Tensor], Vs: list[Tensor],

@@ -35,6 +35,10 @@ class ActivationHessian(Operator):
     def __init__(self, model_or_objective, loss=None, data=None, *, layer: str, layer2: str | None = None,
                  **kwargs):
         obj: Objective = make_objective(model_or_objective, loss, data, **kwargs)
+        if obj.process_group is not None:
+            raise ValueError("ActivationHessian: expected an objective without process_group=, got a distributed "
+                             "one. Its rows and columns are the samples of the data, which a sharded objective "
+                             "splits over ranks; build it on one rank's data, or use Hessian/GGN (parameter space).")
         self.objective = obj
         self.layer, self.layer2 = layer, (layer if layer2 is None else layer2)
         self._modules = resolve_modules(obj.model, {self.layer, self.layer2}, "ActivationHessian")

@@ -69,6 +69,11 @@ def _common_layout(api: str, layouts) -> ParamLayout | None:
     return next(iter(known), None)
 
 
+
+def _group_of(ops):
+    """The process group of the first distributed operand (None when none is)."""
+    return next((op.process_group for op in ops if getattr(op, "process_group", None) is not None), None)
+
 class _Sum(Operator):
     def __init__(self, terms: Sequence[Operator]):
         first = terms[0]
@@ -79,6 +84,7 @@ class _Sum(Operator):
             range=_common_layout("A + B", (t.range for t in terms)),
         )
         self.terms = tuple(terms)
+        self.process_group = _group_of(terms)
 
     def _matmat_torch(self, V):
         out = self.terms[0]._matmat_torch(V)
@@ -110,6 +116,7 @@ class _Scaled(Operator):
         super().__init__(op.shape, op.torch_dtype, op.device, tags=_tags.scale_tags(op.tags, c),
                          domain=op.domain, range=op.range)
         self.op, self.c = op, float(c)
+        self.process_group = op.process_group
 
     def _matmat_torch(self, V):
         return self.c * self.op._matmat_torch(V)
@@ -132,6 +139,7 @@ class _Adjoint(Operator):
         M, N = op.shape
         super().__init__((N, M), op.torch_dtype, op.device, domain=op.range, range=op.domain)
         self.op = op
+        self.process_group = op.process_group
 
     @property
     def _name(self) -> str:
@@ -184,6 +192,7 @@ class _Product(Operator):
             tags=_product_tags(factors), domain=factors[-1].domain, range=factors[0].range,
         )
         self.factors = tuple(factors)
+        self.process_group = _group_of(factors)
 
     def _matmat_torch(self, V):
         for f in reversed(self.factors):
@@ -215,6 +224,7 @@ class _Restricted(Operator):
         n = int(idx.numel())
         super().__init__((n, n), op.torch_dtype, op.device, tags=op.tags, domain=layout, range=layout)
         self.op, self.idx = op, idx
+        self.process_group = op.process_group
 
     def _embed(self, V):
         full = V.new_zeros(self.op.shape[1], V.shape[1])
@@ -264,6 +274,7 @@ class _BlockDiag(Operator):
         super().__init__((M, N), blocks[0].torch_dtype, blocks[0].device,
                          tags=_tags.sum_tags(b.tags for b in blocks) if M == N else ())
         self.blocks = tuple(blocks)
+        self.process_group = _group_of(blocks)
 
     def _apply_blocks(self, V, adj: bool):
         outs, start = [], 0
@@ -294,6 +305,7 @@ class _Tagged(Operator):
     def __init__(self, op: Operator, tags: Iterable[str]):
         super().__init__(op.shape, op.torch_dtype, op.device, tags=tags, domain=op.domain, range=op.range)
         self.op = op
+        self.process_group = op.process_group
 
     def _matmat_torch(self, V):
         return self.op._matmat_torch(V)

@@ -59,6 +59,9 @@ class Operator(spla.LinearOperator):
             with :func:`curvops.tag`, never inferred from numbers.
         domain: a :class:`~curvops.ParamLayout` when the input side is a parameter space, else None.
         range: the same for the output side.
+        process_group: the ``torch.distributed`` group whose ranks share this operator's data (each
+            product ends with an all-reduce over it), or None (one process; the default). Composites
+            take it from their terms; :mod:`curvops.linalg` then draws identical probes on every rank.
 
     Subclasses call ``Operator.__init__(shape, torch_dtype, device, tags, domain, range)`` and
     implement ``_matmat_torch(V: [N, K]) -> [M, K]`` and, unless symmetric,
@@ -73,6 +76,8 @@ class Operator(spla.LinearOperator):
         tensor([[2., 1.],
                 [1., 3.]], dtype=torch.float64)
     """
+
+    process_group = None  # a torch.distributed group for data-parallel operators
 
     def __init_subclass__(cls, **kwargs):
         # help(cls) shows the constructor's docstring; one a subclass leaves out would otherwise be

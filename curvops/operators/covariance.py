@@ -155,6 +155,8 @@ class GradientCovariance(Operator):
         self.subset_mask = mask
         self.classes = None if classes is None else _class_tensor(classes).to(obj.device)
         self.max_columns = max_columns
+        #: the torch.distributed group the data is sharded over (None: one process)
+        self.process_group = obj.process_group
         self._mean: tuple | None = None  # (state stamp, μ [P])
         #: the kernel of the last product (forward mode or the double-VJP fallback)
         self.last_path: str | None = None
@@ -247,19 +249,24 @@ class GradientCovariance(Operator):
             return self._mean[1]
         stamp = obj.state_stamp()
         acc = [torch.zeros(s, dtype=self.torch_dtype, device=self.device) for s in obj.layout.shapes]
-        total, offset = 0.0, 0
-        with obj.session():
-            for batch in obj.batches():
-                kept, w = self._kept(batch, offset)
-                offset += batch.n
-                if kept is None:
-                    continue
-                pull = _autodiff.Pullback(obj, self._per_sample(kept), obj.theta())
-                for a, r in zip(acc, pull(w)):
-                    a.add_(r)
-                total += float(w.sum())
+
+        def run():  # this rank's shard; summed over the ranks (with the total weight) by reduce_pass
+            total, offset = 0.0, 0
+            with obj.session():
+                for batch in obj.batches():
+                    kept, w = self._kept(batch, offset)
+                    offset += batch.n
+                    if kept is None:
+                        continue
+                    pull = _autodiff.Pullback(obj, self._per_sample(kept), obj.theta())
+                    for a, r in zip(acc, pull(w)):
+                        a.add_(r)
+                    total += float(w.sum())
+            return torch.cat([a.reshape(-1) for a in acc]), total
+
+        flat, total = obj.reduce_pass(run, lambda: obj.zeros((obj.num_params,)), "GradientCovariance")
         self._check_total(total)
-        mu = torch.cat([a.reshape(-1) for a in acc]) / total
+        mu = flat / total
         self._mean = (stamp, mu)
         return mu
 
@@ -269,23 +276,29 @@ class GradientCovariance(Operator):
         total, offset = 0.0, 0
         starts = list(range(0, K, self.max_columns))
         chunks = [split_columns(obj, V[:, s:s + self.max_columns]) for s in starts]
-        with obj.session():
-            for batch in obj.batches():
-                kept, w = self._kept(batch, offset)
-                offset += batch.n
-                if kept is None:
-                    continue
-                fn, theta = self._per_sample(kept), tuple(obj.theta())
-                pull = _autodiff.Pullback(obj, fn, theta)
-                for s, Vs in zip(starts, chunks):
-                    k = Vs[0].shape[0]
-                    S, self.last_path = _autodiff.jvp_columns(obj, fn, theta, Vs)  # [k, n]: ⟨∇g_i, v⟩
-                    res = pull.columns(w[None] * S)
-                    for a, r in zip(acc, res):
-                        a[s:s + k].add_(r)
-                total += float(w.sum())
+
+        def run():  # this rank's shard; summed over the ranks (with the total weight) by reduce_pass
+            total, offset = 0.0, 0
+            with obj.session():
+                for batch in obj.batches():
+                    kept, w = self._kept(batch, offset)
+                    offset += batch.n
+                    if kept is None:
+                        continue
+                    fn, theta = self._per_sample(kept), tuple(obj.theta())
+                    pull = _autodiff.Pullback(obj, fn, theta)
+                    for s, Vs in zip(starts, chunks):
+                        k = Vs[0].shape[0]
+                        S, self.last_path = _autodiff.jvp_columns(obj, fn, theta, Vs)  # [k, n]: ⟨∇g_i, v⟩
+                        res = pull.columns(w[None] * S)
+                        for a, r in zip(acc, res):
+                            a[s:s + k].add_(r)
+                    total += float(w.sum())
+            return join_columns(acc, K), total
+
+        out, total = obj.reduce_pass(run, lambda: V.new_zeros(obj.num_params, K), "GradientCovariance")
         self._check_total(total)
-        out = join_columns(acc, K) / total
+        out = out / total
         if self.center:
             mu = self.mean_gradient()
             out = out - mu[:, None] * (mu @ V)[None]

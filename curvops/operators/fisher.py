@@ -90,7 +90,9 @@ class Fisher(CurvatureOperator):
     per sample, 1 for 'sum').  ``mc_samples=None`` gives the exact (type-2) Fisher, which equals
     the GGN for these losses; ``mc_samples=S`` draws S labels per sample from a generator seeded
     by ``seed`` and the batch index, so the Monte-Carlo Fisher is one fixed matrix across products
-    (as long as batches come in the same order).
+    (as long as batches come in the same order).  With a process group the draws are seeded by
+    ``seed``, the rank and the batch index, so no two ranks reuse draws; the MC matrix then depends
+    on how the data is sharded (the exact Fisher does not).
 
     **Cost**: like :class:`~curvops.GGN`; ``mc_samples=S`` adds S outer products per sample in
     output space.  **Tags**: symmetric, psd.
@@ -139,7 +141,8 @@ class Fisher(CurvatureOperator):
             M = c * lik.expected_hessian(out, JV)
             return M if keep is None else M * keep
         gen = torch.Generator(device=out.device)
-        gen.manual_seed(self.seed * 1_000_003 + batch.index)
+        # distributed: rank r's batch b gets its own draws (rank 0 draws as one process would)
+        gen.manual_seed(self.seed * 1_000_003 + batch.index + obj.rank * 2**40)
         E = lik.sample_grads(out, self.mc_samples, gen)  # [S, n, ...]
         if keep is not None:
             E = E * keep
