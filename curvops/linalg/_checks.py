@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 
 import numpy as np
 import torch
@@ -142,8 +141,8 @@ def check_generator(generator, api: str, device: torch.device | str | None = Non
                     operator=None) -> torch.Generator | None:
     """``None``, a :class:`torch.Generator`, or an int seed turned into a seeded generator.
 
-    ``None`` for a distributed operator (one with a ``process_group``: ``operator``, or else the
-    caller's operator ``A``, which every algorithm passes as ``A.device``) gives a new generator
+    ``None`` for a distributed operator (``operator``, which every algorithm passes, has a
+    ``process_group``) gives a new generator
     seeded from rank 0 (one small broadcast), so every rank draws the same probes and every rank's
     algorithm sees the same numbers; ``None`` otherwise stays None (torch's default generator).
 
@@ -157,7 +156,7 @@ def check_generator(generator, api: str, device: torch.device | str | None = Non
         ValueError: a negative or too large seed.
     """
     if generator is None:
-        return _rank_consistent(operator if operator is not None else sys._getframe(1).f_locals.get("A"), device)
+        return _rank_consistent(operator, device)
     if isinstance(generator, torch.Generator):
         return generator
     if is_int(generator):

@@ -118,7 +118,7 @@ def _check_slq_args(A, num_probes, num_steps, distribution, generator, probe_bat
     num_steps = check_int(num_steps, "num_steps", api, minimum=1)
     check_choice(distribution, "distribution", ("rademacher", "normal"), api)
     probe_batch_size = check_optional_int(probe_batch_size, "probe_batch_size", api, minimum=1)
-    generator = check_generator(generator, api, A.device)
+    generator = check_generator(generator, api, A.device, operator=A)
     return num_probes, num_steps, probe_batch_size, generator
 
 

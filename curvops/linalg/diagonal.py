@@ -108,7 +108,7 @@ def diagonal(A, *, method: str = "xdiag", num_matvecs: int = 100, distribution: 
     # num_matvecs is ignored by "exact", but must still be a count (a typo there is a bug too)
     m = _check_budget(num_matvecs, {"hutchinson": 1, "xdiag": 4, "exact": 0}[method], api)
     check_choice(distribution, "distribution", DISTRIBUTIONS, api)
-    generator = check_generator(generator, api, A.device)
+    generator = check_generator(generator, api, A.device, operator=A)
     block_size = _check_block_size(block_size, api)
     if method == "exact" or (method == "xdiag" and m >= n):
         d = _exact_diagonal(A, block_size or 256, api).to(A.torch_dtype)

@@ -186,7 +186,7 @@ def eigsh(A, k: int = 6, *, which: str = "LA", tol: float = 1e-6, relative_to: s
     tol = check_real(tol, "tol", api, minimum=0.0, fix="tol=0 means machine precision.")
     max_iters = check_optional_int(max_iters, "max_iters", api, minimum=1)
     return_eigenvectors = check_flag(return_eigenvectors, "return_eigenvectors", api)
-    generator = check_generator(generator, api, A.device)
+    generator = check_generator(generator, api, A.device, operator=A)
     max_iters = max(100, 20 * m // b) if max_iters is None else max_iters
 
     dtype, device = A.torch_dtype, A.device

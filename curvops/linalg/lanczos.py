@@ -99,7 +99,7 @@ def lanczos(A, v0: Tensor, num_steps: int, *, reorthogonalize: bool = True,
     n = A.shape[0]
     num_steps = check_int(num_steps, "num_steps", api, minimum=1, maximum=n, expected=f"1 ≤ num_steps ≤ n = {n}")
     reorthogonalize = check_flag(reorthogonalize, "reorthogonalize", api)
-    generator = check_generator(generator, api, A.device)
+    generator = check_generator(generator, api, A.device, operator=A)
     v0 = torch.as_tensor(v0)
     single = v0.dim() == 1
     V = v0[:, None] if single else v0

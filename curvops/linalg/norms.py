@@ -139,7 +139,7 @@ def nuclear_norm(A, *, num_matvecs: int = 100, num_probes: int = 30, num_steps: 
     num_steps = check_int(num_steps, "num_steps", api, minimum=1)
     probe_batch_size = check_optional_int(probe_batch_size, "probe_batch_size", api, minimum=1)
     check_choice(trace_method, "trace_method", tuple(_TRACE_BUDGETS), api)
-    generator = check_generator(generator, api, A.device)
+    generator = check_generator(generator, api, A.device, operator=A)
     if A.is_psd:
         need = _TRACE_BUDGETS[trace_method]
         check_int(num_matvecs, "num_matvecs", api, minimum=need, expected=f"num_matvecs ≥ {need}",

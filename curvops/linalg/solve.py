@@ -136,7 +136,7 @@ def _check_options(A, method: str, damping, rtol, atol, max_iters, preconditione
     max_iters = check_optional_int(max_iters, "max_iters", api, minimum=0, expected="max_iters >= 0",
                                    fix="Pass None for the default min(10n, 1000).")
     preconditioner_rank = check_int(preconditioner_rank, "preconditioner_rank", api, minimum=1)
-    generator = check_generator(generator, api, A.device)
+    generator = check_generator(generator, api, A.device, operator=A)
     return damping, rtol, atol, max_iters, preconditioner_rank, generator
 
 

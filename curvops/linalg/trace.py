@@ -183,7 +183,7 @@ def trace(A, *, method: str = "xtrace", num_matvecs: int = 100, distribution: st
     if distribution is None:
         distribution = "sphere" if method in ("xtrace", "xnystrace") else "rademacher"
     check_choice(distribution, "distribution", DISTRIBUTIONS, api)
-    generator = check_generator(generator, api, A.device)
+    generator = check_generator(generator, api, A.device, operator=A)
     block_size = _check_block_size(block_size, api)
     assume_psd = check_flag(assume_psd, "assume_psd", api)
     n = A.shape[0]
@@ -351,7 +351,7 @@ def frobenius_norm(A, *, method: str = "hutch++", num_matvecs: int = 100, distri
     A = _operator(A, api, square=False)
     m = _check_budget(num_matvecs, 1 if method == "hutchinson" else 3, api)
     check_choice(distribution, "distribution", DISTRIBUTIONS, api)
-    generator = check_generator(generator, api, A.device)
+    generator = check_generator(generator, api, A.device, operator=A)
     block_size = _check_block_size(block_size, api)
     M, N = A.shape
     work = _work_dtype(A.device)

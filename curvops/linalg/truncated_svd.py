@@ -154,7 +154,7 @@ def svds(A, k: int = 6, *, method: str = "lanczos", tol: float = 1e-8, max_iters
     oversample = check_int(oversample, "oversample", api, minimum=0)
     power_iters = check_int(power_iters, "power_iters", api, minimum=0)
     vectors = check_flag(return_singular_vectors, "return_singular_vectors", api)
-    generator = check_generator(generator, api, A.device)
+    generator = check_generator(generator, api, A.device, operator=A)
     tol = max(float(tol), torch.finfo(A.torch_dtype).eps)
     if not lanczos:
         if v0 is not None:
