@@ -10,13 +10,12 @@ import torch
 from torch import Tensor
 
 from ...operators.covariance import GradientCovariance
-from .bootstrap import _bootstrap
-from .eigenpairs import _decompose
 from .factors import _factor_for, _Streamed
 from .inputs import _check_common, _check_k, _covariance
 from .plan import DEFAULT_MEMORY_BUDGET, _choose
 from .prior_estimate import _prior_active_subspace
-from .result import ActiveSubspaceResult, _gaps
+from .result import ActiveSubspaceResult
+from .summarize import _decompose_and_summarize
 
 
 def per_sample_gradients(model_or_objective, loss=None, data=None, *, g: str | Callable = "loss",
@@ -174,28 +173,11 @@ def active_subspace(model_or_objective, loss=None, data=None, *, g: str | Callab
 
     timings: dict[str, float] = {}
     factor = _factor_for(plan, cov, w, chunk_size, timings)
-    start = time.perf_counter()
-    dec = _decompose(factor, plan.algorithm, k, tol=tol, generator=gen, vectors=vectors)
-    timings["decomposition"] = time.perf_counter() - start
-    if isinstance(factor, _Streamed):  # the gradients were computed while accumulating C
-        timings["gradients"] += factor.gradient_seconds
-        timings["decomposition"] -= factor.gradient_seconds
-    lam, W = dec.eigenvalues, dec.eigenvectors
-
-    boot: dict = {}
-    start = time.perf_counter()
-    if bootstrap:
-        boot = _bootstrap(factor, plan.algorithm, k, lam, W, bootstrap, confidence, tol, gen)
-    timings["bootstrap"] = time.perf_counter() - start
-    timings["total"] = time.perf_counter() - total_start
-    gaps, ratios = _gaps(lam)
-    return ActiveSubspaceResult(
-        eigenvalues=lam, eigenvectors=W if return_eigenvectors else None, gaps=gaps, gap_ratios=ratios,
-        layout=cov.objective.layout, method=plan.method, algorithm=plan.description, num_samples=N,
-        total_weight=float(w.sum()), num_params=P, num_matvecs=factor.num_matvecs, num_passes=factor.num_passes,
-        iterations=dec.iterations, converged=dec.converged, residuals=dec.residuals, timings=timings,
-        memory_estimate=plan.memory, bootstrap=bootstrap, confidence=float(confidence), **boot,
-    )
+    return _decompose_and_summarize(
+        factor, plan, k, streamed=isinstance(factor, _Streamed), tol=tol, generator=gen, vectors=vectors,
+        return_eigenvectors=return_eigenvectors, bootstrap=bootstrap, confidence=confidence, timings=timings,
+        total_start=total_start, layout=cov.objective.layout, method=plan.method, algorithm=plan.description,
+        num_samples=N, total_weight=float(w.sum()), num_params=P)
 
 
 __all__ = ["per_sample_gradients", "active_subspace"]

@@ -18,13 +18,12 @@ import torch
 from torch import Tensor
 
 from ...objective import Objective
-from .bootstrap import _bootstrap
-from .eigenpairs import _decompose
 from .factors import _add_gram, _DenseRows, _finish_gram
 from .inputs import _check_common, _check_k
 from .plan import _choose
 from .prior import PriorGradientCovariance, _check_chunk, _check_num_samples, _parse_prior, default_chunk_size
-from .result import ActiveSubspaceResult, _gaps
+from .result import ActiveSubspaceResult
+from .summarize import _decompose_and_summarize
 
 
 class _PriorPasses:
@@ -124,26 +123,11 @@ def _prior_active_subspace(model_or_objective, loss, data, *, prior, num_samples
     else:
         factor = _PriorPasses(A)
     timings["gradients"] = time.perf_counter() - start
-    start = time.perf_counter()
-    dec = _decompose(factor, plan.algorithm, k, tol=tol, generator=gen, vectors=vectors)
-    timings["decomposition"] = time.perf_counter() - start
-    if isinstance(factor, _PriorPasses):
-        timings["gradients"] += factor.gradient_seconds
-        timings["decomposition"] -= factor.gradient_seconds
-    lam, W = dec.eigenvalues, dec.eigenvectors
-    boot: dict = {}
-    start = time.perf_counter()
-    if bootstrap:
-        boot = _bootstrap(factor, plan.algorithm, k, lam, W, bootstrap, confidence, tol, gen)
-    timings["bootstrap"] = time.perf_counter() - start
-    timings["total"] = time.perf_counter() - total_start
-    gaps, ratios = _gaps(lam)
-    return ActiveSubspaceResult(
-        eigenvalues=lam, eigenvectors=W if return_eigenvectors else None, gaps=gaps, gap_ratios=ratios,
-        layout=A.objective.layout, method=plan.method, algorithm=f"{_describe(plan)}; prior {spec.description}",
-        num_samples=N, total_weight=float(N), num_params=P, num_matvecs=factor.num_matvecs,
-        num_passes=factor.num_passes, iterations=dec.iterations, converged=dec.converged, residuals=dec.residuals,
-        timings=timings, memory_estimate=plan.memory, bootstrap=bootstrap, confidence=float(confidence), **boot)
+    return _decompose_and_summarize(
+        factor, plan, k, streamed=isinstance(factor, _PriorPasses), tol=tol, generator=gen, vectors=vectors,
+        return_eigenvectors=return_eigenvectors, bootstrap=bootstrap, confidence=confidence, timings=timings,
+        total_start=total_start, layout=A.objective.layout, method=plan.method,
+        algorithm=f"{_describe(plan)}; prior {spec.description}", num_samples=N, total_weight=float(N), num_params=P)
 
 
 def _describe(plan) -> str:
