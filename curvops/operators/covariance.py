@@ -213,6 +213,15 @@ class GradientCovariance(Operator):
         y = None if batch.y is None else _tree_map(lambda t: t[idx.to(t.device)], batch.y)
         return Batch(x, y, int(idx.numel()), batch.index), w[idx]
 
+    def _kept_batches(self):
+        """One pass: the kept part of every batch that keeps a sample, with its weights."""
+        offset = 0
+        for batch in self.objective.batches():
+            kept, w = self._kept(batch, offset)
+            offset += batch.n
+            if kept is not None:
+                yield kept, w
+
     def kept_weights(self) -> Tensor:
         """Weights ``[N_kept]`` of the kept samples in data order (unit weights: ones).
 
@@ -251,13 +260,9 @@ class GradientCovariance(Operator):
         acc = [torch.zeros(s, dtype=self.torch_dtype, device=self.device) for s in obj.layout.shapes]
 
         def run():  # this rank's shard; summed over the ranks (with the total weight) by reduce_pass
-            total, offset = 0.0, 0
+            total = 0.0
             with obj.session():
-                for batch in obj.batches():
-                    kept, w = self._kept(batch, offset)
-                    offset += batch.n
-                    if kept is None:
-                        continue
+                for kept, w in self._kept_batches():
                     pull = _autodiff.Pullback(obj, self._per_sample(kept), obj.theta())
                     for a, r in zip(acc, pull(w)):
                         a.add_(r)
@@ -273,18 +278,13 @@ class GradientCovariance(Operator):
     def _matmat_torch(self, V: Tensor) -> Tensor:
         obj, K = self.objective, V.shape[1]
         acc = [torch.zeros(K, *s, dtype=V.dtype, device=V.device) for s in obj.layout.shapes]
-        total, offset = 0.0, 0
         starts = list(range(0, K, self.max_columns))
         chunks = [split_columns(obj, V[:, s:s + self.max_columns]) for s in starts]
 
         def run():  # this rank's shard; summed over the ranks (with the total weight) by reduce_pass
-            total, offset = 0.0, 0
+            total = 0.0
             with obj.session():
-                for batch in obj.batches():
-                    kept, w = self._kept(batch, offset)
-                    offset += batch.n
-                    if kept is None:
-                        continue
+                for kept, w in self._kept_batches():
                     fn, theta = self._per_sample(kept), tuple(obj.theta())
                     pull = _autodiff.Pullback(obj, fn, theta)
                     for s, Vs in zip(starts, chunks):
