@@ -13,6 +13,7 @@ from .fisher import EmpiricalFisher, Fisher
 from .ggn import GGN
 from .hessian import Hessian
 from .jacobian import Jacobian
+from .kfac import EKFAC, KFAC
 from .ntk import NTK
 from .mixed import MixedDerivative, ParameterHessian
 from .tags import PSD, SYMMETRIC
@@ -21,5 +22,5 @@ __all__ = [
     "Operator", "ParamLayout", "as_operator", "block_diag", "func_operator", "restrict", "tag",
     "Dense", "Diagonal", "Identity", "LowRank", "Hessian", "GGN", "Fisher", "EmpiricalFisher",
     "Jacobian", "NTK", "GradientCovariance", "GradientFactor", "ActivationHessian", "OutputHessian", "HessianResidual", "CrossHessian", "submatrix", "check_deterministic", "DeterminismReport", "PSD", "SYMMETRIC",
-    "MixedDerivative", "ParameterHessian",
+    "MixedDerivative", "ParameterHessian", "KFAC", "EKFAC",
 ]
