@@ -16,7 +16,7 @@ from .operators import (
     ActivationHessian, CrossHessian, GradientCovariance, GradientFactor, HessianResidual, OutputHessian, submatrix,
     GGN, PSD, SYMMETRIC, Dense, DeterminismReport, Diagonal, EmpiricalFisher, Fisher, Hessian, Identity,
     Jacobian, NTK, LowRank, Operator, ParamLayout, as_operator, block_diag, check_deterministic, func_operator, restrict, tag,
-    MixedDerivative, ParameterHessian,
+    MixedDerivative, ParameterHessian, KFAC, EKFAC,
 )
 from .analysis.response import HypergradientResult, ResponseJacobian, StationarityWarning, hypergradient
 
@@ -31,7 +31,7 @@ __all__ = [
     "GradientFactor", "report",
     "ResponseJacobian", "MixedDerivative", "ParameterHessian", "hypergradient", "HypergradientResult",
     "StationarityWarning",
-    "Objective", "Operator", "Jacobian", "NTK", "GradientCovariance", "ActivationHessian", "OutputHessian", "HessianResidual", "CrossHessian", "submatrix", "ParamLayout", "Hessian", "GGN", "Fisher", "EmpiricalFisher",
+    "Objective", "Operator", "Jacobian", "NTK", "GradientCovariance", "ActivationHessian", "OutputHessian", "HessianResidual", "CrossHessian", "submatrix", "ParamLayout", "Hessian", "GGN", "Fisher", "EmpiricalFisher", "KFAC", "EKFAC",
     "Dense", "Diagonal", "Identity", "LowRank", "as_operator", "block_diag", "func_operator",
     "restrict", "tag", "check_deterministic", "DeterminismReport", "PSD", "SYMMETRIC", "__version__",
 ]
