@@ -7,6 +7,7 @@ from .active_subspace import (
 )
 from .averages import SubsetOperators, across_checkpoints, across_models, average, per_subset
 from .decompose import NMFResult, PCAResult, nmf, pca
+from .influence import InfluenceResult, SelfInfluenceResult, influence, self_influence
 from .landscape import LandscapeResult, activation_along, filter_normalize, loss_along, loss_plane, random_direction
 from .response import HypergradientResult, ResponseJacobian, StationarityWarning, hypergradient
 from .quadratic import QuadraticModel, QuadraticStability, QuadraticStationaryPoints
@@ -19,4 +20,5 @@ __all__ = ["StationaryPointResult", "classify_stationary_point", "QuadraticModel
            "across_checkpoints", "SubsetOperators", "track", "TrackResult", "pca", "PCAResult", "nmf", "NMFResult",
            "active_subspace", "active_subspace_convergence", "per_sample_gradients", "subspace_distance",
            "subspace_distances", "ActiveSubspaceResult", "ActiveSubspaceConvergence", "PriorGradientCovariance", "prior_gradients",
-           "ResponseJacobian", "hypergradient", "HypergradientResult", "StationarityWarning"]
+           "ResponseJacobian", "hypergradient", "HypergradientResult", "StationarityWarning",
+           "influence", "self_influence", "InfluenceResult", "SelfInfluenceResult"]
