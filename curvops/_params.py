@@ -56,6 +56,9 @@ def _select_params(model: nn.Module, params) -> list[str]:
     return chosen
 
 
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
 class ModelState:
     """Mixin of :class:`~curvops.Objective`: the tensors the forward reads, always the model's current ones.
 
@@ -63,6 +66,20 @@ class ModelState:
     ``self._names`` (selected names), ``self.layout`` (None before construction ends),
     ``self.dtype`` / ``self.device`` and ``self._depth`` (passes in progress).
     """
+
+    def stochastic_modules(self) -> list[str]:
+        """Names of dropout / train-mode BatchNorm modules (empty for plain functions)."""
+        if not isinstance(self.model, nn.Module):
+            return []
+        out = []
+        for name, m in self.model.named_modules():
+            if not m.training:
+                continue
+            if isinstance(m, _DROPOUT) and m.p > 0:
+                out.append(f"{name or '<root>'} ({type(m).__name__})")
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                out.append(f"{name or '<root>'} ({type(m).__name__} in train mode)")
+        return out
 
     def _refresh(self) -> None:
         """Re-read the selected parameters, the other parameters and the buffers from the model."""

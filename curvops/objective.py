@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader
 
+from ._compile import Compilable
 from ._distributed import Sharded, unwrap
 from ._data import Batch, SplitBatches, as_batches, dict_style_for, leading_dim, split_dict, tree_leaves, tree_map
 from ._losses import (TOKEN_LOSSES, check_target, denominator, resolve_loss, sample_denominators, token_layout,
@@ -38,15 +39,13 @@ from ._modes import product_mode, usable
 from ._params import ModelState, _select_params
 from .layout import ParamLayout
 
-_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-
 # Old private names, still imported by other modules.
 _tree_leaves, _tree_map, _SplitBatches, _leading_dim = tree_leaves, tree_map, SplitBatches, leading_dim
 _resolve_loss = resolve_loss
 __all__ = ["Objective", "Batch"]
 
 
-class Objective(ModelState, Sharded):
+class Objective(ModelState, Sharded, Compilable):
     r"""Model, loss and data as pure functions of the selected parameters.
 
     The objective always uses the parameters and buffers the model has *now*: every pass
@@ -88,6 +87,9 @@ class Objective(ModelState, Sharded):
         process_group, distributed: shard the data over ``torch.distributed`` ranks (a group, or
             ``distributed=True`` for the default one): each rank passes its own shard, and every
             pass ends with one all-reduce, so each rank gets the full-data result (docs/distributed.md).
+        compile: ``True`` (or a ``torch.compile`` mode such as ``"reduce-overhead"``, or a dict of its
+            keywords) runs each batch's gradient, Hessian and GGN product as one compiled torch.func
+            graph (docs/compile.md); a model torch.compile cannot handle warns once and runs eagerly.
 
     **Normalization** (defined once, used by every operator; docs/conventions.md has the table).
     The whole-data loss is
@@ -142,6 +144,7 @@ class Objective(ModelState, Sharded):
         allow_stochastic: bool = False,
         process_group=None,
         distributed: bool = False,
+        compile=False,
     ):
         self._init_distributed(process_group, distributed)
         model = unwrap(model)  # DistributedDataParallel: its module (no DDP forward, no hooks)
@@ -217,6 +220,7 @@ class Objective(ModelState, Sharded):
         self._validated = False
         self._checking = True
         self._bn_training = True  # refreshed by session() before every pass
+        self._init_compile(compile)
 
     # ---- set-up helpers -----------------------------------------------------------
     def _check_modes(self) -> None:
@@ -226,20 +230,6 @@ class Objective(ModelState, Sharded):
                 f"Objective: the model has modules that make the loss random or batch-dependent in train mode: "
                 f"{stochastic}. Call model.eval() first, or pass allow_stochastic=True if this is what you want."
             )
-
-    def stochastic_modules(self) -> list[str]:
-        """Names of dropout / train-mode BatchNorm modules (empty for plain functions)."""
-        if not isinstance(self.model, nn.Module):
-            return []
-        out = []
-        for name, m in self.model.named_modules():
-            if not m.training:
-                continue
-            if isinstance(m, _DROPOUT) and m.p > 0:
-                out.append(f"{name or '<root>'} ({type(m).__name__})")
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                out.append(f"{name or '<root>'} ({type(m).__name__} in train mode)")
-        return out
 
     # ---- what operators use -------------------------------------------------------
     @property
@@ -262,6 +252,11 @@ class Objective(ModelState, Sharded):
         p.update(self._constants)
         if isinstance(self.model, nn.Module):
             p.update(self._buffers_for_call())
+        return self._call_model(p, x)
+
+    def _call_model(self, p: dict, x) -> Tensor:
+        """The model on inputs ``x`` with the tensors ``p`` (every parameter and buffer by name)."""
+        if isinstance(self.model, nn.Module):
             if isinstance(x, Mapping):
                 if self._dict_style(x) == "kwargs":
                     out = functional_call(self.model, p, (), dict(x))
@@ -486,7 +481,11 @@ class Objective(ModelState, Sharded):
             return float(self.accumulate(lambda b: self.loss(self.forward(theta, b.x), b.y, b.index), ()))
 
     def gradient(self) -> Tensor:
-        """∇L(θ) as a flat vector (one pass)."""
+        """∇L(θ) as a flat vector (one pass; compiled with ``compile=True``)."""
+        compiled = None if self.compiled is None else self.compiled.gradient()
+        if compiled is not None:
+            return compiled
+
         def per_batch(b: Batch) -> Tensor:
             theta = [t.detach().requires_grad_() for t in self.theta()]
             with torch.enable_grad():
