@@ -101,11 +101,15 @@ def _parser() -> argparse.ArgumentParser:
                      help="CPU threads for torch (default: 1 for the built-in demo model, torch's default otherwise)")
     rep.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     rep.add_argument("--strict", action="store_true", help="stop at the first failing section, with a traceback")
+    rep.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                     help="under torchrun: how long a rank waits for the others in a collective before it gives "
+                          "up (default 1800)")
     return parser
 
 
-def _error(message: str) -> int:
-    print(f"curvops report: error: {message}", file=sys.stderr)
+def _error(message: str, rank: int = 0) -> int:
+    if rank == 0:  # under torchrun only rank 0 speaks
+        print(f"curvops report: error: {message}", file=sys.stderr)
     return 2
 
 
@@ -154,6 +158,8 @@ def _report(args) -> int:
         return _error(f"--batch-size: expected a positive integer, got {args.batch_size}.")
     if args.threads is not None and args.threads < 1:
         return _error(f"--threads: expected a positive integer, got {args.threads}.")
+    if args.dist_timeout is not None and not args.dist_timeout > 0:
+        return _error(f"--dist-timeout: expected a positive number of seconds, got {args.dist_timeout}.")
     from .report.build import SECTIONS
 
     sections = None
@@ -186,31 +192,75 @@ def set_torch_threads(n: int) -> None:
 
 
 def _run(args, sections) -> int:
-    start = time.perf_counter()
+    """The report, on one process or, under torchrun (its environment variables) or inside an initialized
+    process group, on every rank: data sharded, rank 0 writes and prints, every rank exits alike."""
+    from .report import ranks as _ranks
+
+    owned = False
+    if _ranks.launched_by_torchrun():
+        try:
+            owned, args.device = _ranks.init_from_env(args.device, args.dist_timeout or _ranks.DEFAULT_TIMEOUT)
+        except (ValueError, RuntimeError) as err:
+            return _error(str(err))
     try:
-        model, loss, data, params, batch_size, source, warnings = _problem(args)
+        ranks = _ranks.setup(None, True) if _distributed_world() > 1 else None
+        return _run_ranks(args, sections, ranks)
+    finally:
+        if owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _distributed_world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _run_ranks(args, sections, ranks) -> int:
+    start = time.perf_counter()
+    rank = 0 if ranks is None else ranks.rank
+    problem, message = None, None
+    try:
+        problem = _problem(args)
     except (ValueError, TypeError, ImportError, OSError) as err:
-        return _error(str(err))
+        message = str(err)
+    if ranks is not None:  # every rank stops when one could not load its model or data
+        failed = [(r, m) for r, m in enumerate(ranks.gather(message)) if m is not None]
+        if failed:
+            r, m = failed[0]
+            return _error(m if r == 0 else f"on rank {r}: {m}", rank)
+    elif message is not None:
+        return _error(message)
+    model, loss, data, params, batch_size, source, warnings = problem
+    if ranks is not None:  # the model is ours: every rank measures rank 0's weights, as DDP does
+        from .report.ranks import broadcast_model
+
+        broadcast_model(model, ranks.group)
+        source = {**source, "ranks": f"{ranks.world} ranks (torch.distributed); the weights broadcast from rank 0"}
     from .report.build import build_report
 
     try:
         summary = build_report(model, loss, data, args.outdir, quick=args.quick, top_k=args.top_k, params=params,
                                progress=not args.no_progress, seed=args.seed, batch_size=batch_size,
-                               strict=args.strict, source=source, sections=sections, warnings=warnings)
+                               strict=args.strict, source=source, sections=sections, warnings=warnings,
+                               distributed=ranks is not None)
     except (ValueError, TypeError) as err:  # bad settings, raised before any heavy work (or strict)
         if args.strict:
             raise
-        return _error(str(err))
+        return _error(str(err), rank)
     except KeyboardInterrupt:
-        print(f"curvops report: interrupted; the sections done are in {os.path.join(args.outdir, 'index.html')} "
-              f"(marked incomplete)", file=sys.stderr)
+        if rank == 0:
+            print(f"curvops report: interrupted; the sections done are in "
+                  f"{os.path.join(args.outdir, 'index.html')} (marked incomplete)", file=sys.stderr)
         return 130
-    _print_summary(summary, args.outdir, time.perf_counter() - start)
     failed = [n for n, s in summary["sections"].items() if s.get("status") == "error"]
-    if failed:
-        print(f"curvops report: sections failed: {', '.join(failed)} (see the report)", file=sys.stderr)
-        return 1
-    return 0
+    if rank == 0:
+        _print_summary(summary, args.outdir, time.perf_counter() - start)
+        if failed:
+            print(f"curvops report: sections failed: {', '.join(failed)} (see the report)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _print_summary(summary: dict, outdir: str, seconds: float) -> None:

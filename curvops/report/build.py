@@ -33,11 +33,13 @@ architecture), what they share in :mod:`~curvops.report.context`, the budgets in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 from dataclasses import asdict
 
+from . import ranks as _ranks
 from . import sections_curvature, sections_model
 from .budgets import Budgets
 from .context import Context, Pending, Skipped
@@ -56,7 +58,8 @@ _SECTION_FUNCS = {name: _SECTION_FUNCS[name] for name in SECTIONS}
 
 def build_report(model, loss, data, outdir, *, quick: bool = False, top_k: int | None = None, params=None,
                  progress: bool = True, seed: int = 0, batch_size: int | None = None, strict: bool = False,
-                 source: dict | None = None, sections=None, warnings=None) -> dict:
+                 source: dict | None = None, sections=None, warnings=None, distributed: bool = False,
+                 process_group=None) -> dict:
     r"""Measure a model's curvature and write a report directory; return the summary.
 
     Writes to ``outdir`` (created if needed): ``index.html`` (self-contained: inline CSS, no
@@ -108,13 +111,23 @@ def build_report(model, loss, data, outdir, *, quick: bool = False, top_k: int |
         sections: run only these sections (default all; ``"overview"`` always runs).
         warnings: sentences to show at the top of the report (e.g. "the weights are untrained");
             stored in ``summary["warnings"]`` before those about failed sections.
+        distributed, process_group: run on the ranks of ``torch.distributed`` (``distributed=True``:
+            the default group; ``curvops report`` under ``torchrun`` does this).  Every rank calls
+            ``build_report`` with the same model and the *whole* data; each rank takes its contiguous
+            shard (:func:`curvops.report.ranks.shard_data`).  The Hessian/GGN sections are
+            data-parallel and equal the one-process report to rounding; the NTK, active-subspace and
+            architecture sections run on rank 0 alone on the first samples of the whole data; the
+            landscape is skipped (reason in the report).  Only rank 0 writes files and shows
+            progress; every rank returns rank 0's summary.  A section that fails on one rank fails
+            on every rank.  See docs/distributed.md.
 
     Returns:
         The summary dict (JSON-native: lists, floats, strings; non-finite floats as ``"inf"``/``"nan"``).
 
     Raises:
         ValueError / TypeError: bad arguments (from :class:`~curvops.Objective` and the budgets),
-            before any pass over the data; any section error when ``strict``.
+            before any pass over the data; under torch.distributed a model or data that differs
+            across ranks (on every rank); any section error when ``strict``.
 
     Example:
         >>> model, X, y = curvops.demo.demo_problem()                         # doctest: +SKIP
@@ -134,12 +147,18 @@ def build_report(model, loss, data, outdir, *, quick: bool = False, top_k: int |
     if warnings is not None and (isinstance(warnings, str) or not all(isinstance(w, str) for w in warnings)):
         raise TypeError(f"build_report: expected warnings as a list of strings, got {warnings!r}. "
                         f"Pass e.g. warnings=['the weights are untrained'].")
+    ranks = _ranks.setup(process_group, distributed)
+    if ranks is not None:
+        _ranks.check_same(ranks, model, data)
+        progress = progress and ranks.rank == 0
     ctx = Context(model, loss, data, params=params, batch_size=batch_size, budgets_kw=dict(quick=quick, top_k=top_k),
-                  seed=seed, outdir=str(outdir), strict=strict, progress=progress)
-    os.makedirs(outdir, exist_ok=True)
+                  seed=seed, outdir=str(outdir), strict=strict, progress=progress, ranks=ranks)
+    writer = ctx.rank == 0  # under torch.distributed only rank 0 writes
+    if writer:
+        os.makedirs(outdir, exist_ok=True)
     summary: dict = {
         "title": "curvops curvature report",
-        "environment": environment(ctx.device, ctx.objective.dtype),
+        "environment": environment(ctx.device, ctx.objective.dtype, ranks),
         "settings": {"quick": bool(quick), "seed": seed, "batch_size": batch_size,
                      "params": None if params is None else list(ctx.objective.layout.names),
                      "generator": "each randomized call: torch.Generator(device).manual_seed(seed)",
@@ -148,21 +167,26 @@ def build_report(model, loss, data, outdir, *, quick: bool = False, top_k: int |
         "warnings": list(warnings or []), "failed_sections": [],
         "sections": {}, "timings": {}, "figures": {},
     }
+    if ranks is not None:
+        summary["distributed"] = ranks.record()
     bar = tqdm(total=len(wanted), desc="curvops report", unit="section", file=sys.stderr, disable=not progress,
                leave=False)
     try:
         for i, name in enumerate(wanted):
             bar.set_postfix_str(name)
             t0 = time.perf_counter()
-            summary["sections"][name] = _run_section(name, ctx, summary, strict)
+            run = _run_section if ranks is None else _run_distributed
+            summary["sections"][name] = run(name, ctx, summary, strict)
             summary["timings"][name] = time.perf_counter() - t0
             bar.update(1)
-            if i + 1 < len(wanted):  # the report so far, in case the run stops before the next write
+            if i + 1 < len(wanted) and writer:  # the report so far, in case the run stops before the next write
                 _write_partial(summary, ctx, outdir, start, f"{i + 1} of {len(wanted)} sections done; not run yet: "
                                                             f"{', '.join(wanted[i + 1:])} (the run was stopped, or "
                                                             f"is still going)")
     except BaseException as err:  # KeyboardInterrupt, SystemExit, a section error under strict: keep what is done
         missing = [n for n in wanted if n not in summary["sections"]]
+        if not writer:
+            raise
         try:
             _write_partial(summary, ctx, outdir, start, f"the run stopped in the {missing[0]} section "
                                                         f"({type(err).__name__}); not run: {', '.join(missing)}"
@@ -174,25 +198,79 @@ def build_report(model, loss, data, outdir, *, quick: bool = False, top_k: int |
         bar.close()
     summary["timings"]["total"] = time.perf_counter() - start
     summary = finish_summary(summary, ctx.figures, complete=True)
-    write_summary(summary, outdir)
-    return summary
+    if writer:
+        write_summary(summary, outdir)
+    return summary if ranks is None else ranks.broadcast(summary)  # rank 0's summary on every rank
+
+
+def _attempt(name: str, ctx: Context) -> tuple[dict, Exception | None]:
+    """Run one section (with its inner progress bar): its result, or its status and error (and the error)."""
+    try:
+        with ctx.steps(name, unit="point" if name == "landscape" else "product"):
+            return {"status": "ok", **_SECTION_FUNCS[name](ctx)}, None
+    except Pending as why:
+        return {"status": "pending", "message": str(why)}, None
+    except Skipped as why:
+        return {"status": "skipped", "message": str(why)}, None
+    except Exception as err:
+        return {"status": "error", "message": f"{type(err).__name__}: {err}", "traceback": format_traceback(err)}, err
 
 
 def _run_section(name: str, ctx: Context, summary: dict, strict: bool) -> dict:
-    """Run one section (with its inner progress bar); its result, or its status and error."""
-    try:
-        with ctx.steps(name, unit="point" if name == "landscape" else "product"):
-            return {"status": "ok", **_SECTION_FUNCS[name](ctx)}
-    except Pending as why:
-        return {"status": "pending", "message": str(why)}
-    except Skipped as why:
-        return {"status": "skipped", "message": str(why)}
-    except Exception as err:
+    """Run one section; a failure is recorded in the summary (re-raised when ``strict``)."""
+    result, err = _attempt(name, ctx)
+    if err is not None:
         if strict:
-            raise
-        summary["failed_sections"].append(name)
-        summary["warnings"].append(f"The {name} section failed: {type(err).__name__}: {err}")
-        return {"status": "error", "message": f"{type(err).__name__}: {err}", "traceback": format_traceback(err)}
+            raise err
+        _record_failure(summary, name, result["message"])
+    return result
+
+
+def _record_failure(summary: dict, name: str, message: str) -> None:
+    summary["failed_sections"].append(name)
+    summary["warnings"].append(f"The {name} section failed: {message}")
+
+
+def _run_distributed(name: str, ctx: Context, summary: dict, strict: bool) -> dict:
+    """One section under torch.distributed, in its mode (:data:`curvops.report.ranks.MODES`), then one
+    ``all_gather_object`` of every rank's status and result hash: a failure on any rank fails the
+    section on every rank; results that differ across ranks are reported."""
+    ranks = ctx.ranks
+    mode = ranks.mode(name)
+    if mode == "skip":
+        return {"status": "skipped", "message": _ranks.skip_message(name)}
+    result, err = {"status": "ok"}, None  # ranks other than 0 of a rank-0 section keep rank 0's result
+    if mode == "all" or ranks.rank == 0:
+        with ctx.local() if mode == "rank0" else contextlib.nullcontext():
+            result, err = _attempt(name, ctx)
+    if name == "overview" and result["status"] == "ok":  # the whole data's count, not the shard's
+        with ctx.local():
+            result["num_samples"] = _num_samples(ctx.objective)
+    digest = _ranks.result_hash(result) if mode == "all" and result["status"] == "ok" else None
+    seen = ranks.gather((result["status"], result.get("message"), digest))
+    failed = [(r, m) for r, (status, m, _) in enumerate(seen) if status == "error"]
+    if failed:
+        message = "; ".join(f"rank {r}: {m}" for r, m in failed)
+        if strict:
+            raise err if err is not None else RuntimeError(f"The {name} section failed on another rank: {message}")
+        result = {"status": "error", "message": message,
+                  **({"traceback": result["traceback"]} if "traceback" in result else {})}
+        _record_failure(summary, name, message)
+        return result
+    if mode == "rank0":
+        result["computed_on"] = "rank 0 alone, on the first samples of the whole data (as one process)"
+    differ = sorted({r for r, (_, _, d) in enumerate(seen) if d != seen[0][2]})
+    if differ:
+        summary["warnings"].append(f"The {name} section's numbers differ on ranks {differ} from rank 0's (shown); "
+                                   f"the ranks' products were not bitwise identical.")
+    return result
+
+
+def _num_samples(objective) -> int | None:
+    try:
+        return objective.num_samples()
+    except TypeError:
+        return None
 
 
 def _write_partial(summary: dict, ctx: Context, outdir, start: float, what: str) -> None:

@@ -1,4 +1,10 @@
-"""What the report's sections share: the operators, budgets, seed, cached results, figures and progress."""
+"""What the report's sections share: the operators, budgets, seed, cached results, figures and progress.
+
+Under torch.distributed (``ranks`` given) the objective and the Hessian/GGN are built on this rank's
+shard with the process group (their products are all-reduced); :meth:`Context.local` swaps in
+one-process versions on the whole data for the sections rank 0 runs alone, and only rank 0 draws
+figures.
+"""
 
 from __future__ import annotations
 
@@ -25,23 +31,57 @@ class Context:
     """The model's operators, budgets, the seed, cached results and the figures written so far."""
 
     def __init__(self, model, loss, data, *, params, batch_size, budgets_kw, seed, outdir, strict,
-                 progress=False):
+                 progress=False, ranks=None):
         from ..objective import Objective
         from ..operators import GGN, Hessian
 
         self.model, self.loss, self.data, self.outdir, self.seed = model, loss, data, outdir, seed
         self.strict = strict
         self.kw = dict(params=params, batch_size=batch_size)
-        self.objective = Objective(model, loss, data, **self.kw)
+        self.ranks = ranks  # None, or the report's curvops.report.ranks.Ranks
+        shard, group = data, None
+        if ranks is not None:
+            from .ranks import shard_data
+
+            shard, ranks.shard_sizes, ranks.unit = shard_data(data, ranks.rank, ranks.world)
+            group = ranks.group
+        self.objective = Objective(model, loss, shard, process_group=group, **self.kw)
         self.progress = progress
         self._bar = None  # the running section's inner progress bar
-        self.H = self.counted(Hessian(model, loss, data, **self.kw))
-        self.G = self.counted(GGN(model, loss, data, **self.kw))
+        self.H = self.counted(Hessian(model, loss, shard, process_group=group, **self.kw))
+        self.G = self.counted(GGN(model, loss, shard, process_group=group, **self.kw))
+        self._local = None  # one-process objective, H, G on the whole data (built on first use)
         self.num_params = self.objective.num_params
         self.device = self.objective.device
         self.budgets = Budgets.make(self.num_params, **budgets_kw)
         self.cache: dict[str, Any] = {}
         self.figures: dict[str, dict] = {}
+
+    @property
+    def rank(self) -> int:
+        """This process's rank (0 without torch.distributed)."""
+        return 0 if self.ranks is None else self.ranks.rank
+
+    @contextmanager
+    def local(self):
+        """Inside: ``objective``, ``H`` and ``G`` are one-process operators on the whole data (for a
+        section rank 0 runs alone, which must not enter a collective the other ranks never join)."""
+        if self.ranks is None:
+            yield self
+            return
+        if self._local is None:
+            from ..objective import Objective
+            from ..operators import GGN, Hessian
+
+            self._local = (Objective(self.model, self.loss, self.data, **self.kw),
+                           self.counted(Hessian(self.model, self.loss, self.data, **self.kw)),
+                           self.counted(GGN(self.model, self.loss, self.data, **self.kw)))
+        saved = self.objective, self.H, self.G
+        self.objective, self.H, self.G = self._local
+        try:
+            yield self
+        finally:
+            self.objective, self.H, self.G = saved
 
     # ---- progress inside a section ------------------------------------------------------------
     @contextmanager
@@ -109,7 +149,10 @@ class Context:
     def figure(self, key: str, caption: str, draw: Callable) -> None:
         """Save ``<key>.png`` drawn by ``draw(plot, path)`` (``plot`` = :mod:`curvops.plotting`; it draws on a
         new figure and saves it to ``path``), close that figure and record it.  A missing plot
-        module or a failing plot is recorded for this figure only (re-raised when strict)."""
+        module or a failing plot is recorded for this figure only (re-raised when strict).  Only
+        rank 0 of a distributed report draws (and writes) figures."""
+        if self.rank != 0:
+            return
         try:
             import curvops.plotting as plot
         except ImportError as err:

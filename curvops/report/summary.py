@@ -62,12 +62,16 @@ def format_traceback(err: BaseException, limit: int = 4000) -> str:
     return text if len(text) <= limit else "…" + text[-limit:]
 
 
-def environment(device: torch.device, dtype: torch.dtype) -> dict:
-    """Library versions, platform, device and dtype of a report (recorded in the summary)."""
+def environment(device: torch.device, dtype: torch.dtype, ranks=None) -> dict:
+    """Library versions, platform, device and dtype of a report (recorded in the summary); under
+    torch.distributed (``ranks``, a :class:`curvops.report.ranks.Ranks`) also the backend, the number
+    of ranks and the shard sizes."""
     env = {"curvops_version": __version__, "torch_version": torch.__version__, "numpy_version": np.__version__,
            "python_version": platform.python_version(), "platform": platform.platform(),
            "device": str(device), "dtype": str(dtype).replace("torch.", ""),
            "num_threads": torch.get_num_threads()}
+    if ranks is not None:
+        env["torch.distributed"] = ranks.describe()
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
     return env
