@@ -155,6 +155,29 @@ def test_an_operator_with_its_own_inverse_is_used_directly():
     _close(cg.scores, expected)
 
 
+@pytest.mark.parametrize("kron", ["KFAC", "EKFAC"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_kfac_influence_on_one_linear_layer_is_the_ggn_influence(kron, reduction):
+    """One linear layer with MSE: KFAC (and EKFAC) equal the GGN, so the influence through their own exact
+    damped inverse equals the dense GGN oracle."""
+    torch.manual_seed(4)
+    model = nn.Linear(D, C).to(DT)
+    loss_fn = nn.MSELoss(reduction=reduction)
+    X, y = _data("mse", N, 1)
+    Xq, yq = _data("mse", M, 2)
+    damping = 1e-2 if reduction == "mean" else 1.0
+    expected, *_ = _oracle("ggn", model, loss_fn, X, y, Xq, yq, damping)
+    K = getattr(curvops, kron)(model, loss_fn, (X, y), batch_size=5)
+    res = influence(model, loss_fn, (X, y), (Xq, yq), curvature=K, damping=damping, batch_size=5)
+    assert res.solver == "inverse" and res.solve is None and res.curvature == f"{kron} 12×12"
+    _close(res.scores, expected)
+    s = self_influence(model, loss_fn, (X, y), curvature=K, damping=damping)
+    own, *_ = _oracle("ggn", model, loss_fn, X, y, X, y, damping)
+    _close(s.scores, -torch.diagonal(own))
+    with pytest.raises(ValueError, match=f"influence: {kron}.inverse\\(damping=0\\) refused"):
+        influence(model, loss_fn, (X, y), (Xq, yq), curvature=K)
+
+
 def test_ridge_regression_leave_one_out_identity():
     r"""Linear least squares with ridge δ/2‖θ‖²: the exact leave-one-out change of θ is
     H⁻¹∇ℓ_i / (1 − h_i) (Sherman–Morrison; h_i = 2φ_iᵀH⁻¹φ_i the leverage), so the first-order

@@ -126,13 +126,23 @@ def check_damping(damping, api: str) -> float:
     return value
 
 
-def inverse_apply(curvature: Operator, R: Tensor, *, solver: str, damping: float, rtol: float, atol: float,
+def damped_inverse(curvature: Operator, solver: str, damping: float, api: str):
+    """The operator's own ``inverse(damping=δ)`` for ``solver="inverse"`` (built before any pass, so that
+    its refusals — e.g. KFAC's of δ = 0 — come first), else None."""
+    if solver != "inverse":
+        return None
+    try:
+        return curvature.inverse(damping=damping)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{api}: {type(curvature).__name__}.inverse(damping={damping:g}) refused: {err}") from err
+
+
+def inverse_apply(curvature: Operator, inv, R: Tensor, *, solver: str, damping: float, rtol: float, atol: float,
                   max_iters: int | None, strict: bool, api: str) -> tuple[Tensor, SolveResult | None]:
-    """``(C + δI)⁻¹ R`` for a block ``R [P, K]``: the operator's own damped inverse, or one block solve
-    (one data pass per iteration for all K columns). A solve that did not converge warns
+    """``(C + δI)⁻¹ R`` for a block ``R [P, K]``: the operator's own damped inverse ``inv``, or one block
+    solve (one data pass per iteration for all K columns). A solve that did not converge warns
     (:class:`~curvops.linalg.ConvergenceWarning`) or, with ``strict``, raises."""
-    if solver == "inverse":
-        inv = curvature.inverse(damping=damping)
+    if inv is not None:
         X = inv @ R
         if not isinstance(X, Tensor) or tuple(X.shape) != tuple(R.shape):
             raise ValueError(f"{api}: {type(curvature).__name__}.inverse(damping=...) @ V returned "

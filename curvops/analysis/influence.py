@@ -40,8 +40,8 @@ from torch import Tensor
 from ..linalg._checks import check_flag, check_optional_int, check_real
 from ..objective import Objective
 from ..operators import GGN
-from ._influence_grads import (check_curvature, check_damping, inverse_apply, loss_weights, resolve_solver,
-                               stream_gradients)
+from ._influence_grads import (check_curvature, check_damping, damped_inverse, inverse_apply, loss_weights,
+                               resolve_solver, stream_gradients)
 from ._influence_result import InfluenceResult, SelfInfluenceResult
 
 __all__ = ["influence", "self_influence", "InfluenceResult", "SelfInfluenceResult"]
@@ -147,6 +147,7 @@ def influence(model, loss=None, train_data=None, query_data=None, *, curvature=N
     query = _objective(model, loss, query_data, objective_kwargs, "query_data", api)
     C = GGN(train) if curvature is None else check_curvature(curvature, train, api)
     method = resolve_solver(C, solver, api)
+    inv = damped_inverse(C, method, damping, api)
     P, timings = train.num_params, {}
 
     t0 = time.perf_counter()
@@ -161,7 +162,7 @@ def influence(model, loss=None, train_data=None, query_data=None, *, curvature=N
     timings["query_gradients"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    X, result = inverse_apply(C, Q.T.contiguous(), solver=method, damping=damping, rtol=rtol, atol=atol,
+    X, result = inverse_apply(C, inv, Q.T.contiguous(), solver=method, damping=damping, rtol=rtol, atol=atol,
                               max_iters=max_iters, strict=strict, api=api)  # [P, M]
     timings["solve"] = time.perf_counter() - t0
 
@@ -219,6 +220,7 @@ def self_influence(model, loss=None, train_data=None, *, curvature=None, damping
     C = GGN(_objective(model, loss, train_data, objective_kwargs, "train_data", api)) if curvature is None \
         else check_curvature(curvature, train, api)  # its own Objective: its passes run inside this one's
     method = resolve_solver(C, solver, api)
+    inv = damped_inverse(C, method, damping, api)
     w = loss_weights(train)
     kept = w > 0 if train.reduction == "mean" else torch.ones_like(w, dtype=torch.bool)
     scores = torch.zeros(w.shape[0], dtype=train.dtype, device=train.device)
@@ -226,7 +228,7 @@ def self_influence(model, loss=None, train_data=None, *, curvature=None, damping
     t0 = time.perf_counter()
 
     def consume(rows: Tensor, G: Tensor) -> None:
-        Xc, res = inverse_apply(C, G.T.contiguous(), solver=method, damping=damping, rtol=rtol, atol=atol,
+        Xc, res = inverse_apply(C, inv, G.T.contiguous(), solver=method, damping=damping, rtol=rtol, atol=atol,
                                 max_iters=max_iters, strict=strict, api=api)
         if res is not None:
             solves.append(res)
