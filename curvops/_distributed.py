@@ -15,6 +15,7 @@ compares the number of selected parameters and their dtype across ranks.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable
 
 import torch
@@ -42,10 +43,39 @@ def resolve_group(process_group, distributed: bool, api: str):
 
 
 def unwrap(model):
-    """The module inside ``DistributedDataParallel`` (products never run DDP's forward or its hooks)."""
+    """The module inside ``DistributedDataParallel`` (products never run DDP's forward or its hooks).
+
+    A model whose parameters are sharded over the ranks (FSDP1 ``FullyShardedDataParallel``, FSDP2
+    ``fully_shard``, DTensor parameters) is refused with a ValueError that says what to do: curvops
+    needs every selected parameter in full on every rank (docs/distributed.md, "FSDP").
+    """
     from torch.nn.parallel import DistributedDataParallel
 
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    _refuse_sharded(model)
+    return model
+
+
+def _refuse_sharded(model) -> None:
+    if not isinstance(model, torch.nn.Module):
+        return
+    # FSDP and DTensor classes exist only if their modules were imported (a wrapped model imported them)
+    fsdp, dtensor = sys.modules.get("torch.distributed.fsdp"), sys.modules.get("torch.distributed.tensor")
+    kinds = tuple(k for k in (getattr(fsdp, "FullyShardedDataParallel", None), getattr(fsdp, "FSDPModule", None))
+                  if k is not None)
+    wrapped = [name or "<root>" for name, m in model.named_modules() if kinds and isinstance(m, kinds)]
+    DTensor = getattr(dtensor, "DTensor", None)
+    sharded = [n for n, p in model.named_parameters() if DTensor is not None and isinstance(p, DTensor)]
+    if not (wrapped or sharded):
+        return
+    what = (f"FSDP-wrapped modules {wrapped[:4]}" if wrapped else f"DTensor (sharded) parameters {sharded[:4]}")
+    raise ValueError(
+        f"Objective: the model has {what}: each rank holds only a shard of its parameters, but curvops needs every "
+        f"selected parameter in full on every rank (a product's vectors are full P-vectors; the data, not the "
+        f"model, is split over the ranks). Gather the full weights into a plain copy of the model on every rank — "
+        f"torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+        f"options=StateDictOptions(full_state_dict=True)), then load_state_dict into an unwrapped model — or wrap "
+        f"the model in DistributedDataParallel instead (docs/distributed.md, FSDP).")
 
 
 def rank_of(group) -> int:

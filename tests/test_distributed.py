@@ -117,11 +117,31 @@ def _worker(rank: int, port: int, outdir: str) -> None:
         result["dtype_mismatch"] = _catch(lambda: curvops.Objective(
             _model() if rank == 0 else _model().float(), "cross_entropy", (X[shard], y[shard]),
             distributed=True).gradient())
+        _fsdp(result, X[shard], y[shard], V)
     except Exception:  # noqa: BLE001 - reported through the file
         result["crash"] = traceback.format_exc()
     finally:
         torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
         dist.destroy_process_group()
+
+
+def _fsdp(result: dict, X, y, V) -> None:
+    """An FSDP2-sharded model is refused with what to do; doing it (full weights into a plain copy) works."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = _model()
+    fully_shard(sharded, mesh=init_device_mesh("cpu", (WORLD,)))
+    result["fsdp_error"] = _catch(lambda: curvops.GGN(sharded, "cross_entropy", (X, y), distributed=True))
+    plain = _model()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.zero_()
+    plain.load_state_dict(get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True)))
+    obj = curvops.Objective(plain, "cross_entropy", (X, y), batch_size=5, distributed=True)
+    result["fsdp_gathered_ggn"] = curvops.GGN(obj) @ V
+    result["fsdp_gathered_hessian"] = curvops.Hessian(obj) @ V
 
 
 def _free_port() -> int:
@@ -216,6 +236,19 @@ def test_mismatched_parameters_error_on_every_rank(ranks, key, what):
         assert ranks[r][key].startswith("ValueError:"), ranks[r][key]
         assert what in ranks[r][key]
         assert "same selected parameters" in ranks[r][key]
+
+
+def test_fsdp_sharded_model_is_refused_with_what_to_do(ranks):
+    for r in range(WORLD):
+        msg = ranks[r]["fsdp_error"]
+        assert msg.startswith("ValueError: Objective: the model has FSDP-wrapped modules ['<root>']"), msg
+        assert "get_model_state_dict" in msg and "DistributedDataParallel" in msg
+
+
+@pytest.mark.parametrize("name", ["ggn", "hessian"])
+def test_fsdp_full_weights_in_a_plain_copy_give_the_one_process_products(ranks, reference, name):
+    for r in range(WORLD):
+        torch.testing.assert_close(ranks[r][f"fsdp_gathered_{name}"], reference[0][name], rtol=1e-10, atol=1e-10)
 
 
 def test_distributed_needs_an_initialized_process_group():

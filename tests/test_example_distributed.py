@@ -1,6 +1,7 @@
 """examples/distributed_spectrum.py under torchrun with 2 processes (gloo, CPU)."""
 
 import json
+import os
 import pathlib
 import socket
 import subprocess
@@ -16,7 +17,8 @@ def test_distributed_spectrum_under_torchrun(tmp_path):
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
            str(ROOT / "examples" / "distributed_spectrum.py"), "--quick", "--check", "--out", str(out)]
-    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["world_size"] == 2 and res["num_samples"] == 256

@@ -139,7 +139,7 @@ def spawned(workdir):
 
 @pytest.fixture(scope="module")
 def torchrun(workdir):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(workdir)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(workdir)] + [os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), "-m", "curvops", *_args("out_torchrun"), "--dist-timeout", "60"]
     run = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=JOIN_TIMEOUT)
