@@ -5,14 +5,13 @@ laplace-torch (0.3) takes its curvature from a backend class implementing
 and ``kron`` (Kronecker factors), each with the batch's loss.  The classes here compute them with
 curvops operators:
 
-=====================  ==========================================  ===========================  ==========================
-backend                ``full``                                    ``diag``                     ``kron``
-=====================  ==========================================  ===========================  ==========================
-:class:`CurvopsGGN`    :class:`~curvops.GGN` (``stochastic=True``:  exact, C passes of           :class:`~curvops.KFAC`
-                       MC :class:`~curvops.Fisher`)                per-sample gradients          (type-2; ``"mc"``)
-:class:`CurvopsEF`     :class:`~curvops.EmpiricalFisher`           per-sample gradients²        KFAC ``"empirical"``
-:class:`CurvopsHessian` :class:`~curvops.Hessian`                   exact (P Hessian products)   —
-=====================  ==========================================  ===========================  ==========================
+* :class:`CurvopsGGN`: ``full`` from :class:`~curvops.GGN` (``stochastic=True``: the Monte-Carlo
+  :class:`~curvops.Fisher`), ``diag`` exact (one pass of per-sample gradients per output), ``kron``
+  from :class:`~curvops.KFAC` (type-2; ``"mc"`` when stochastic);
+* :class:`CurvopsEF`: ``full`` from :class:`~curvops.EmpiricalFisher`, ``diag`` from the per-sample
+  gradients, ``kron`` from KFAC with ``fisher_type="empirical"``;
+* :class:`CurvopsHessian`: ``full`` from :class:`~curvops.Hessian`, ``diag`` exact (P Hessian
+  products, in blocks), no ``kron``.
 
 **laplace-torch's conventions** (which the backends follow exactly, so that they can be swapped for
 its curvlinops backend): the loss is a **sum** over the data (``MSELoss(reduction="sum")``,
