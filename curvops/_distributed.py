@@ -122,7 +122,16 @@ def sum_over_ranks(group, run: Callable[[], tuple[Tensor, float]], like: Callabl
     try:
         acc, total = run()
     except Exception as err:  # join the collective anyway, so that no rank waits forever
-        error, acc, total = err, like(), -math.inf
+        error, acc, total = err, None, -math.inf
+    if acc is None:  # a failed pass, or an empty shard: zeros of the block's shape
+        try:
+            acc = like()
+        except Exception:  # noqa: BLE001 - the shape is unknown here: this rank cannot join the all-reduce
+            why = (f"this rank's pass failed ({type(error).__name__}: {error})" if error is not None
+                   else "this rank's shard produced no batch")
+            raise RuntimeError(f"{api}: {why}, and the pass does not give the shape of its result, so this rank "
+                               f"cannot join the all-reduce (the other ranks wait until their timeout). Give every "
+                               f"rank at least one sample.") from error
     with torch.inference_mode(False), torch.no_grad():
         flat = torch.cat([acc.reshape(-1), acc.new_tensor([total])])
         dev = _comm_device(group, flat.device)

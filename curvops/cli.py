@@ -20,6 +20,12 @@ printed as one line (no traceback) and the command exits with status 2.  Exit st
 the report was written but a section failed (its error and traceback are in the report and in
 ``summary.json``, and the console lists it).  The report is written after every section: a run
 interrupted with Ctrl-C keeps the sections done (marked incomplete) and exits with status 130.
+
+Under ``torchrun --nproc-per-node N -m curvops report ...`` the command joins the process group
+torchrun describes (gloo on the CPU, NCCL with ``--device cuda``, one GPU per rank), shards the
+data over the ranks and runs the data-parallel sections on every rank; rank 0 writes the report
+and prints, the other ranks write nothing, and every rank exits with the same status
+(:mod:`curvops.report.ranks`, docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -67,7 +73,11 @@ your own model, e.g. with mymodel.py in the current directory:
   --model path/to/mymodel.py:factory.)
 
 progress: a bar over the sections and one inside the running section (its products).  The
-report is written after every section, so an interrupted run (Ctrl-C) keeps the sections done."""
+report is written after every section, so an interrupted run (Ctrl-C) keeps the sections done.
+
+data parallel: torchrun --nproc-per-node 2 -m curvops report out/ --model ... --data ... --loss ...
+  shards the data over the ranks (the Hessian/GGN sections equal one process's; NTK, active
+  subspace and architecture run on rank 0; the landscape is skipped); rank 0 writes the report."""
 
 
 def _parser() -> argparse.ArgumentParser:
