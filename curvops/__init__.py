@@ -19,6 +19,7 @@ from .operators import (
     MixedDerivative, ParameterHessian, KFAC, EKFAC,
 )
 from .analysis.response import HypergradientResult, ResponseJacobian, StationarityWarning, hypergradient
+from .analysis.influence import InfluenceResult, SelfInfluenceResult, influence, self_influence
 
 from ._version import __version__
 
@@ -30,7 +31,7 @@ __all__ = [
     "TrackResult", "active_subspace", "active_subspace_convergence", "per_sample_gradients", "ActiveSubspaceResult",
     "GradientFactor", "report",
     "ResponseJacobian", "MixedDerivative", "ParameterHessian", "hypergradient", "HypergradientResult",
-    "StationarityWarning",
+    "StationarityWarning", "influence", "self_influence", "InfluenceResult", "SelfInfluenceResult",
     "Objective", "Operator", "Jacobian", "NTK", "GradientCovariance", "ActivationHessian", "OutputHessian", "HessianResidual", "CrossHessian", "submatrix", "ParamLayout", "Hessian", "GGN", "Fisher", "EmpiricalFisher", "KFAC", "EKFAC",
     "Dense", "Diagonal", "Identity", "LowRank", "as_operator", "block_diag", "func_operator",
     "restrict", "tag", "check_deterministic", "DeterminismReport", "PSD", "SYMMETRIC", "__version__",
