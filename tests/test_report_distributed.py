@@ -243,3 +243,53 @@ def test_load_error_names_the_rank(workdir, capfd):
         os.chdir(cwd)
         sys.path.remove(str(workdir))
     assert "curvops report: error: on rank 1: --data: calling loader_fails_on_rank_1() failed" in capfd.readouterr().err
+
+
+# ---- sharding (no processes) ----------------------------------------------------------------------
+def _concat(parts):
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_contiguous_shards_cover_the_data_once(world):
+    from curvops.report.ranks import shard_data
+
+    X, y = torch.arange(37.0).reshape(37, 1), torch.arange(37)
+    shards = [shard_data((X, y), r, world) for r in range(world)]
+    sizes = shards[0][1]
+    assert sizes == [len(s[0][1]) for s in shards] and sum(sizes) == 37 and max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)  # rank 0 first
+    assert torch.equal(_concat([s[0][0] for s in shards]), X) and torch.equal(_concat([s[0][1] for s in shards]), y)
+    d = shard_data({"input_ids": X, "labels": y}, 1, world)[0]
+    assert torch.equal(d["labels"], shards[1][0][1]) and torch.equal(d["input_ids"], shards[1][0][0])
+    batches = [(X[i:i + 8], y[i:i + 8]) for i in range(0, 37, 8)]  # 5 batches
+    parts = [shard_data(batches, r, world) for r in range(world)]
+    assert parts[0][2] == "batches" and parts[0][1][0] == len(parts[0][0])
+    assert [b for p in parts for b in p[0]] == batches
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_a_dataloader_is_sharded_by_sample_index(drop_last):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from curvops.report.ranks import shard_data
+
+    X, y = torch.arange(37.0).reshape(37, 1), torch.arange(37)
+    loader = DataLoader(TensorDataset(X, y), batch_size=8, drop_last=drop_last)
+    seen = _concat([t[1] for t in loader])  # what one process passes over (32 samples with drop_last)
+    shards = [shard_data(loader, r, 2) for r in range(2)]
+    assert [s[1] for s in shards][0] == ([19, 18] if not drop_last else [16, 16])
+    assert torch.equal(_concat([t[1] for s in shards for t in s[0]]), seen)
+    assert all(s[0].batch_size == 8 for s in shards)
+
+
+def test_a_loader_that_cannot_be_sharded_is_refused():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from curvops.report.ranks import shard_data
+
+    ds = TensorDataset(torch.zeros(10, 1), torch.zeros(10))
+    with pytest.raises(TypeError, match="default sequential sampler and a batch_size.*RandomSampler.*without torchrun"):
+        shard_data(DataLoader(ds, batch_size=2, shuffle=True), 0, 2)
+    with pytest.raises(TypeError, match="expected data as .X, y., a dict of tensors, a list of batches or a Data"):
+        shard_data(iter([]), 0, 2)
