@@ -114,3 +114,14 @@ def test_product(benchmark, workloads, gradient_median, workload, method):
     }
     if library == "curvlinops" and speedups:
         benchmark.extra_info["curvops_speedup"] = speedups
+
+
+def test_kept_graphs_fit_at_32k(benchmark):
+    """N = 32 768 in batches of 256 (views of one tensor): all 128 batches' graphs fit the 1 GiB budget."""
+    if DEVICE.type != "cpu":
+        pytest.skip("CPU accounting row")
+    scale = float(os.environ.get("BENCH_SCALE", "1"))
+    n = max(2048, int(32768 * scale))
+    out = benchmark.pedantic(lambda: M.kept_at_scale(n, repeats=ROUNDS), rounds=1, iterations=1)
+    benchmark.extra_info.update(out)
+    assert out["kept_batches"] == out["batches"] and not out["warned"], out

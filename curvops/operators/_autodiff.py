@@ -116,15 +116,63 @@ def jvp_columns(objective, f: Callable, primals: Sequence[Tensor], tangents: Seq
     return jvp_by_double_vjp(f, primals, tangents), "double-VJP (reverse mode twice, torch.autograd)"
 
 
+def random_cotangent(out: Tensor) -> Tensor:
+    """A fixed random cotangent like ``out`` (its own generator: the global RNG is left alone).
+
+    The double-VJP trick works at any cotangent ``u`` (``Jᵀu`` is linear in it); a nonzero one lets
+    :func:`check_double_vjp` see a backward that is not recorded (its gradients are then nonzero
+    yet do not depend on ``u``)."""
+    gen = torch.Generator(device=out.device).manual_seed(0)
+    return torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device).requires_grad_()
+
+
+def reaches(roots: Sequence[Tensor], leaf: Tensor) -> list[bool]:
+    """Whether the autograd graph of each root reaches ``leaf`` (a leaf that requires grad)."""
+    target = torch.autograd.graph.get_gradient_edge(leaf).node
+    parents: dict = {}
+    seen, stack = set(), [r.grad_fn for r in roots if r.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is not None:
+                parents.setdefault(child, []).append(node)
+                stack.append(child)
+    good, stack = set(), [target] if target in seen else []
+    while stack:
+        node = stack.pop()
+        if node in good:
+            continue
+        good.add(node)
+        stack.extend(parents.get(node, []))
+    return [r.grad_fn in good for r in roots]
+
+
+def check_double_vjp(grads: Sequence[Tensor], u: Tensor) -> None:
+    """Raise when a gradient ``Jᵢᵀu`` is nonzero but its graph does not reach ``u``: some layer's
+    backward was not recorded (``once_differentiable``), so the double-VJP trick would drop its terms."""
+    ok = reaches(grads, u)
+    for g, good in zip(grads, ok):
+        if not good and bool((g != 0).any()):
+            raise RuntimeError(
+                "double-VJP: a layer's backward is not differentiable (e.g. an autograd.Function marked "
+                "once_differentiable), so J v can't be computed by reverse mode twice; give that Function "
+                "a forward-mode formula (a jvp staticmethod) or a differentiable backward."
+            )
+
+
 def jvp_by_double_vjp(f: Callable, primals: Sequence[Tensor], tangents: Sequence[Tensor]) -> Tensor:
-    """J V = ∂/∂u ⟨Jᵀu, V⟩: a VJP with a dummy cotangent u, then a VJP of that w.r.t. u, per column."""
+    """J V = ∂/∂u ⟨Jᵀu, V⟩: a VJP with a cotangent u, then a VJP of that w.r.t. u, per column."""
     th = [t.detach().requires_grad_() for t in primals]
     with torch.enable_grad():
         out = f(*th)
         if not out.requires_grad:
             return out.new_zeros(tangents[0].shape[0], *out.shape)
-        u = torch.zeros_like(out, requires_grad=True)
+        u = random_cotangent(out)
         g = torch.autograd.grad(out, th, u, create_graph=True, allow_unused=True)
+        check_double_vjp([gi for gi in g if gi is not None], u)
         pairs = [(gi, v) for gi, v in zip(g, tangents) if gi is not None and gi.requires_grad]
         cols = []
         for k in range(tangents[0].shape[0]):

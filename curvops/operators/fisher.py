@@ -10,7 +10,8 @@ from torch import Tensor
 from .._losses import kept_targets
 from ..objective import Batch, Objective
 from . import tags as _tags
-from ._curvature import CurvatureOperator, make_objective, output_space
+from ._curvature import make_objective
+from ._output_graphs import OutputSpaceOperator
 
 
 def _per_sample_dot(E: Tensor, T: Tensor) -> Tensor:
@@ -78,7 +79,7 @@ class _Likelihood:
         return p[None] - onehot
 
 
-class Fisher(CurvatureOperator):
+class Fisher(OutputSpaceOperator):
     r"""Fisher information of the model's predictive distribution, normalized like the loss.
 
     .. math:: F = c \sum_i J_i^\top\, \mathbb{E}_{\hat y\sim p(\cdot|f_i)}\!\big[\nabla_f \ell(f_i,\hat y)
@@ -94,8 +95,9 @@ class Fisher(CurvatureOperator):
     ``seed``, the rank and the batch index, so no two ranks reuse draws; the MC matrix then depends
     on how the data is sharded (the exact Fisher does not).
 
-    **Cost**: like :class:`~curvops.GGN`; ``mc_samples=S`` adds S outer products per sample in
-    output space.  **Tags**: symmetric, psd.
+    **Cost**: like :class:`~curvops.GGN` (kept graphs included: ``keep_graphs``,
+    ``max_graph_bytes``); ``mc_samples=S`` adds S outer products per sample in output space.
+    **Tags**: symmetric, psd.
 
     Args:
         model_or_objective: an :class:`~curvops.Objective`, or a model followed by ``loss`` and ``data``
@@ -103,6 +105,8 @@ class Fisher(CurvatureOperator):
         mc_samples: ``None`` for the exact Fisher, or the number of sampled labels per sample.
         seed: seeds the Monte-Carlo labels (with the batch index).
         max_columns: columns processed together per batch.
+        keep_graphs: ``"auto"``, ``True`` or ``False``: keep per-batch graphs between products (see GGN).
+        max_graph_bytes: memory budget of the kept graphs in bytes (None: 25 % of the available memory).
         **kwargs: passed to :class:`~curvops.Objective`.
 
     Raises:
@@ -122,12 +126,14 @@ class Fisher(CurvatureOperator):
     """
 
     def __init__(self, model_or_objective, loss=None, data=None, *, mc_samples: int | None = None,
-                 seed: int = 0, max_columns: int = 64, **kwargs):
+                 seed: int = 0, max_columns: int = 64, keep_graphs: bool | str = "auto",
+                 max_graph_bytes: int | None = None, **kwargs):
         objective = make_objective(model_or_objective, loss, data, **kwargs)
         if mc_samples is not None and (not isinstance(mc_samples, int) or mc_samples < 1):
             raise ValueError(f"Fisher: mc_samples must be None (exact) or a positive integer, got {mc_samples!r}.")
         self.likelihood = _Likelihood(objective)
-        super().__init__(objective, tags=(_tags.PSD,), max_columns=max_columns)
+        super().__init__(objective, tags=(_tags.PSD,), max_columns=max_columns, keep_graphs=keep_graphs,
+                         max_graph_bytes=max_graph_bytes)
         self.mc_samples, self.seed = mc_samples, int(seed)
 
     def _apply_M(self, batch: Batch, out: Tensor, JV: Tensor) -> Tensor:
@@ -151,14 +157,8 @@ class Fisher(CurvatureOperator):
             acc += E[s][None] * _per_sample_dot(E[s], JV)
         return (c / self.mc_samples) * acc
 
-    def _batch_matmat(self, batch: Batch, Vs: list[Tensor], state=None) -> list[Tensor]:
-        obj, path = self.objective, []
-        res = output_space(obj, batch, obj.theta(), Vs, lambda out, JV: self._apply_M(batch, out, JV), path)
-        self.last_path = path[-1]
-        return res
 
-
-class EmpiricalFisher(CurvatureOperator):
+class EmpiricalFisher(OutputSpaceOperator):
     r"""Empirical Fisher: the uncentred second moment of per-sample loss gradients.
 
     .. math:: \tilde F = \frac{1}{N}\sum_i \nabla\ell_i \nabla\ell_i^\top \ (\text{mean}),\qquad
@@ -172,12 +172,16 @@ class EmpiricalFisher(CurvatureOperator):
     curvlinops' convention (a sum over them, with 1/(N·C) in front) is C times this matrix; see
     docs/conventions.md.
 
-    **Cost**: like :class:`~curvops.GGN` (one forward-mode and one reverse-mode product per column).
+    **Cost**: like :class:`~curvops.GGN` (with kept graphs — ``keep_graphs``, ``max_graph_bytes`` —
+    two reverse passes on the kept graph per block; without, one forward-mode and one reverse-mode
+    product per column).
     **Tags**: symmetric, psd.
 
     Args:
         model_or_objective: an :class:`~curvops.Objective`, or a model followed by ``loss`` and ``data``.
         max_columns: columns processed together per batch.
+        keep_graphs: ``"auto"``, ``True`` or ``False``: keep per-batch graphs between products (see GGN).
+        max_graph_bytes: memory budget of the kept graphs in bytes (None: 25 % of the available memory).
         **kwargs: passed to :class:`~curvops.Objective`.
 
     Example:
@@ -193,9 +197,11 @@ class EmpiricalFisher(CurvatureOperator):
         True
     """
 
-    def __init__(self, model_or_objective, loss=None, data=None, *, max_columns: int = 64, **kwargs):
+    def __init__(self, model_or_objective, loss=None, data=None, *, max_columns: int = 64,
+                 keep_graphs: bool | str = "auto", max_graph_bytes: int | None = None, **kwargs):
         objective = make_objective(model_or_objective, loss, data, **kwargs)
-        super().__init__(objective, tags=(_tags.PSD,), max_columns=max_columns)
+        super().__init__(objective, tags=(_tags.PSD,), max_columns=max_columns, keep_graphs=keep_graphs,
+                         max_graph_bytes=max_graph_bytes)
 
     def _batch_weight(self, batch: Batch) -> float:
         if self.objective.reduction == "sum":
@@ -221,9 +227,3 @@ class EmpiricalFisher(CurvatureOperator):
                 G = ratio.reshape(-1, *([1] * (E.dim() - 1))) * E
             return G[None] * _per_sample_dot(G, JV) / self._batch_weight(batch)
         return E[None] * _per_sample_dot(E, JV)
-
-    def _batch_matmat(self, batch: Batch, Vs: list[Tensor], state=None) -> list[Tensor]:
-        obj, path = self.objective, []
-        res = output_space(obj, batch, obj.theta(), Vs, lambda out, JV: self._apply_M(batch, out, JV), path)
-        self.last_path = path[-1]
-        return res

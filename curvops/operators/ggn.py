@@ -8,7 +8,8 @@ from torch import Tensor
 from .._losses import kept_targets
 from ..objective import Batch
 from . import tags as _tags
-from ._curvature import CurvatureOperator, make_objective, output_space
+from ._curvature import make_objective
+from ._output_graphs import OutputSpaceOperator
 from .fisher import _Likelihood
 
 
@@ -28,7 +29,7 @@ def loss_hessian_apply(objective, batch: Batch, out: Tensor, T: Tensor) -> Tenso
     return torch.zeros_like(T) if h is None else h
 
 
-class GGN(CurvatureOperator):
+class GGN(OutputSpaceOperator):
     r"""Generalized Gauss-Newton matrix, normalized like the loss.
 
     .. math:: G = \frac{1}{W}\sum_b w_b\, J_b^\top \big(\nabla^2_f \ell_b\big) J_b,\qquad
@@ -44,8 +45,15 @@ class GGN(CurvatureOperator):
     diag(p) − ppᵀ per position, ignored targets masked), and from autodiff of the user's loss
     otherwise, so any twice-differentiable loss works.
 
-    **Cost**: per batch one forward + one VJP graph, one forward-mode product per column
-    (vmapped over the columns of a block) and one VJP per column (vmapped).
+    **Cost**: with kept graphs (``keep_graphs``, by default ``"auto"``: as for
+    :class:`~curvops.Hessian`, within ``max_graph_bytes``, by default 25 % of the available
+    memory) the first product records per batch the forward and the graph of ``Jᵀu``; every
+    product then costs per batch one reverse pass for ``J V`` (the double-VJP trick on the kept
+    graph) and one for ``Jᵀ``, batched over the columns of a block — about one gradient on an MLP.
+    Without kept graphs, per batch one forward + one VJP graph, one forward-mode product per column
+    (vmapped over the columns of a block) and one VJP per column (vmapped).  The kept graphs are
+    dropped whenever the model's parameters or buffers change (checked by value before every
+    product) or with :meth:`clear_cache`.
 
     **Tags**: symmetric, psd (PSD holds for losses convex in the outputs: MSE, cross-entropy,
     BCE-with-logits, …; pass ``convex_loss=False`` for a loss that is not).
@@ -53,6 +61,8 @@ class GGN(CurvatureOperator):
     Args:
         model_or_objective: an :class:`~curvops.Objective`, or a model followed by ``loss`` and ``data``.
         convex_loss: whether the loss is convex in the outputs (sets the ``psd`` tag).
+        keep_graphs: ``"auto"``, ``True`` or ``False``: keep per-batch graphs between products.
+        max_graph_bytes: memory budget of the kept graphs in bytes (None: 25 % of the available memory).
         max_columns: columns processed together per batch (memory ∝ max_columns · P).
         **kwargs: passed to :class:`~curvops.Objective` (``params=``, ``batch_size=``, …).
 
@@ -70,10 +80,12 @@ class GGN(CurvatureOperator):
     """
 
     def __init__(self, model_or_objective, loss=None, data=None, *, convex_loss: bool = True,
-                 max_columns: int = 64, **kwargs):
+                 max_columns: int = 64, keep_graphs: bool | str = "auto", max_graph_bytes: int | None = None,
+                 **kwargs):
         objective = make_objective(model_or_objective, loss, data, **kwargs)
         tags = (_tags.PSD,) if convex_loss else (_tags.SYMMETRIC,)
-        super().__init__(objective, tags=tags, max_columns=max_columns)
+        super().__init__(objective, tags=tags, max_columns=max_columns, keep_graphs=keep_graphs,
+                         max_graph_bytes=max_graph_bytes)
         # MSE, BCE-with-logits and cross-entropy without class weights or label smoothing: the loss
         # Hessian in closed form (2I; s(1−s); diag(p) − ppᵀ per position), the same as the exact
         # Fisher's — a few elementwise passes over the outputs instead of a double backward through
@@ -82,6 +94,7 @@ class GGN(CurvatureOperator):
             self._closed = _Likelihood(objective)
         except ValueError:
             self._closed = None
+        self._path_suffix = ", closed-form loss Hessian" if self._closed is not None else ""
 
     def _apply_closed(self, batch: Batch, out: Tensor, JV: Tensor) -> Tensor:
         obj, lik = self.objective, self._closed
@@ -92,13 +105,7 @@ class GGN(CurvatureOperator):
         M = lik.scale(obj, batch) * lik.expected_hessian(out, JV)
         return M if keep is None else M * keep
 
-    def _batch_matmat(self, batch: Batch, Vs: list[Tensor], state=None) -> list[Tensor]:
-        obj = self.objective
-        path: list[str] = []
+    def _apply_M(self, batch: Batch, out: Tensor, JV: Tensor) -> Tensor:
         if self._closed is not None:
-            apply_M = lambda out, JV: self._apply_closed(batch, out, JV)  # noqa: E731
-        else:
-            apply_M = lambda out, JV: loss_hessian_apply(obj, batch, out, JV)  # noqa: E731
-        res = output_space(obj, batch, obj.theta(), Vs, apply_M, path)
-        self.last_path = path[-1] + (", closed-form loss Hessian" if self._closed is not None else "")
-        return res
+            return self._apply_closed(batch, out, JV)
+        return loss_hessian_apply(self.objective, batch, out, JV)

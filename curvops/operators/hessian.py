@@ -10,29 +10,11 @@ from torch import Tensor
 from ..objective import Batch, Objective
 from . import tags as _tags
 from ._curvature import CurvatureOperator, make_objective
+from ._graph_cache import GraphCache
 
 _BATCHED, _LOOP = "reverse-over-reverse, batched columns", "reverse-over-reverse, column loop"
 _SINGLE = "reverse-over-reverse, one column"
-
-
-class _GraphCache:
-    """Per-batch gradient graphs kept between products, within a byte budget."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = int(max_bytes)
-        self.entries: dict[int, tuple] = {}
-        self.nbytes = 0
-        self.stamp: tuple | None = None  # the parameter and buffer values the graphs were built from
-        self.full = False
-
-    def clear(self):
-        self.entries.clear()
-        self.nbytes, self.full = 0, False
-
-
-_BATCHED, _LOOP = "reverse-over-reverse, batched columns", "reverse-over-reverse, column loop"
-_SINGLE = "reverse-over-reverse, one column"
-
+_KEPT = ", kept graph"
 
 class ScalarHessian(CurvatureOperator):
     """Curvature operator whose batch term is the θ-Hessian of a per-batch scalar ``s_b(θ)``
@@ -60,22 +42,24 @@ class ScalarHessian(CurvatureOperator):
     def _scalar(self, batch: Batch, theta: Sequence[Tensor]) -> Tensor:
         raise NotImplementedError
 
-    def _prepare(self, batch: Batch):
+    def _prepare(self, batch: Batch, edges: bool = False):
+        """(θ leaves, the live gradient outputs, their indices); with ``edges`` the outputs are
+        autograd edges, so the parameter-sized gradients themselves need not be held."""
         theta = [t.detach().requires_grad_() for t in self.objective.theta()]
         with torch.enable_grad():
             s = self._scalar(batch, theta)
             if not s.requires_grad:  # outputs independent of θ: a zero term
-                return theta, [None] * len(theta), []
+                return theta, [], []
             grads = torch.autograd.grad(s, theta, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        return theta, grads, live
+        outs = [torch.autograd.graph.get_gradient_edge(grads[i]) if edges else grads[i] for i in live]
+        return theta, outs, live
 
     def _batch_accumulate(self, batch: Batch, Vs: list[Tensor], state, out: list[Tensor], weight: float) -> None:
-        theta, grads, live = state
+        theta, outs, live = state
         if not live:  # s_b is at most linear in θ: its Hessian is zero
             return
         K = Vs[0].shape[0]
-        outs = [grads[i] for i in live]
         if K > 1 and self._batched_ok:
             try:
                 res = torch.autograd.grad(outs, theta, [Vs[i] for i in live], retain_graph=True,
@@ -107,21 +91,29 @@ class Hessian(ScalarHessian):
     batching rule switches to the loop — ``last_path`` says which ran).
     Reverse-over-reverse works on every model whose gradient works.
 
-    With ``keep_graphs=True`` the per-batch gradient graphs are kept between products, so a
-    product costs only the double-backward (about 1.2 gradients on an MLP instead of 2–3).
-    Memory: the tensors autograd saves for each batch's forward + backward (measured through
-    saved-tensor hooks; about 3–5× the batch's activations), up to ``max_graph_bytes`` in total;
-    batches beyond the budget are recomputed each product.  The cache is dropped whenever a
-    parameter or buffer of the model holds other values than when the graphs were built (an
-    optimizer step, ``p.data.mul_``, ``p.data = …``, ``load_state_dict``: checked by value before
-    every product, O(P)), or with :meth:`clear_cache`.
+    **Kept graphs** (``keep_graphs``, by default ``"auto"``): the per-batch gradient graphs are kept
+    between products, so a product costs only the double backward (about 1.3 gradients on an MLP
+    instead of 2–3); the first product builds them.  ``"auto"`` keeps them when the data is a fixed
+    list of batches or a split ``(X, y)`` pair (not a DataLoader) and the model has no stochastic
+    modules; ``True`` also for a non-shuffling DataLoader; ``False`` never.  Memory: the tensors
+    autograd saves for each batch's forward + backward, counted through saved-tensor hooks (views of
+    one input tensor are charged their own slice; the model's parameters are not charged, and the
+    parameter-sized gradients are not held), up to ``max_graph_bytes`` — by default 25 % of the
+    memory available when the graphs are built (free device memory on CUDA, ``MemAvailable`` on
+    CPU), shared by all operators' automatic caches.  Batches beyond the budget are recomputed in
+    each product, and one warning says so.  The graphs are dropped whenever a parameter or buffer
+    of the model holds other values than when they were built (an optimizer step, ``p.data.mul_``,
+    ``p.data = …``, ``load_state_dict``: checked by value before every product, O(P)), or with
+    :meth:`clear_cache`.
 
     **Tags**: symmetric.
 
     Args:
         model_or_objective: an :class:`~curvops.Objective`, or a model followed by ``loss`` and ``data``.
-        keep_graphs: keep per-batch gradient graphs between products (see above).
-        max_graph_bytes: memory budget of the kept graphs (default 1 GiB).
+        keep_graphs: ``"auto"``, ``True`` or ``False``: keep per-batch gradient graphs between
+            products (see above).
+        max_graph_bytes: memory budget of the kept graphs in bytes (default None: 25 % of the
+            available memory).
         max_columns: columns processed together per batch (memory ∝ max_columns · P).
         **kwargs: passed to :class:`~curvops.Objective` (``params=``, ``reduction=``, …).
 
@@ -143,72 +135,46 @@ class Hessian(ScalarHessian):
         True
     """
 
-    def __init__(self, model_or_objective, loss=None, data=None, *, keep_graphs: bool = False,
-                 max_graph_bytes: int = 2**30, max_columns: int = 64, column_strategy: str = "auto",
+    def __init__(self, model_or_objective, loss=None, data=None, *, keep_graphs: bool | str = "auto",
+                 max_graph_bytes: int | None = None, max_columns: int = 64, column_strategy: str = "auto",
                  **kwargs):
         objective = make_objective(model_or_objective, loss, data, **kwargs)
         super().__init__(objective, max_columns=max_columns, column_strategy=column_strategy)
         self.keep_graphs = keep_graphs
-        if keep_graphs and _shuffles(objective.data):
-            raise ValueError(
-                "Hessian(keep_graphs=True): the DataLoader shuffles, so kept per-batch graphs would not match "
-                "the batches of later passes. Use shuffle=False (the operator does not depend on the order)."
-            )
-        self._cache = _GraphCache(max_graph_bytes) if keep_graphs else None
+        self._cache = GraphCache("Hessian", objective, keep_graphs, max_graph_bytes)
 
     def clear_cache(self) -> None:
         """Drop the kept gradient graphs (frees their memory)."""
-        if self._cache is not None:
-            self._cache.clear()
+        self._cache.clear()
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes held by kept gradient graphs (0 without ``keep_graphs``)."""
-        return 0 if self._cache is None else self._cache.nbytes
+        """Bytes held by kept gradient graphs (0 when none are kept)."""
+        return self._cache.nbytes
+
+    @property
+    def kept_batches(self) -> int:
+        """How many batches' graphs are kept."""
+        return len(self._cache.entries)
 
     def _scalar(self, batch: Batch, theta) -> Tensor:
         obj = self.objective
         return obj.loss(obj.forward(theta, batch.x), batch.y, batch.index)
 
-    def _prepare(self, batch: Batch):
+    def _prepare(self, batch: Batch, edges: bool = False):
         cache = self._cache
-        if cache is None:
-            return super()._prepare(batch)
-        entry = cache.entries.get(batch.index)
+        entry = cache.get(batch.index)
         if entry is not None:
             return entry
-        if cache.full:
+        if not cache.enabled or cache.full:
             return super()._prepare(batch)
-        # Count the bytes autograd saves for this batch's graph (unique storages).
-        seen: set[int] = set()
-        nbytes = 0
+        return cache.build(batch.index, lambda: (super(Hessian, self)._prepare(batch, edges=True), []))
 
-        def pack(t):
-            nonlocal nbytes
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                nbytes += storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            entry = super()._prepare(batch)
-        if cache.nbytes + nbytes <= cache.max_bytes:
-            cache.entries[batch.index] = entry
-            cache.nbytes += nbytes
-        else:
-            cache.full = True
-        return entry
+    def _batch_accumulate(self, batch: Batch, Vs, state, out, weight: float) -> None:
+        super()._batch_accumulate(batch, Vs, state, out, weight)
+        if self.last_path is not None and state is self._cache.get(batch.index):
+            self.last_path += _KEPT
 
     def _matmat_torch(self, V: Tensor) -> Tensor:
-        cache = self._cache
-        if cache is not None and not self.objective.state_matches(cache.stamp):
-            cache.clear()  # the model changed (in place, through .data, or reassigned): rebuild
-            cache.stamp = self.objective.state_stamp()
+        self._cache.sync()  # drops the graphs when the model changed since they were built
         return super()._matmat_torch(V)
-
-
-def _shuffles(data) -> bool:
-    from torch.utils.data import DataLoader, RandomSampler
-
-    return isinstance(data, DataLoader) and isinstance(getattr(data, "sampler", None), RandomSampler)
