@@ -198,9 +198,15 @@ def kfac_factors(op) -> tuple[list[Tensor], list[Tensor]]:
             if blk.weight is None:  # a bias alone: A = [[1]]
                 counts[i] += 1
                 return
-            rows = with_bias_column(blk, input_rows(blk, obj.model.get_submodule(blk.module), x))
+            rows = input_rows(blk, obj.model.get_submodule(blk.module), x)
             rows = rows.reshape(-1, rows.shape[-1]) if expand else rows.mean(1)
-            A[i].addmm_(rows.T, rows)
+            d = blk.d_in
+            A[i][:d, :d].addmm_(rows.T, rows)
+            if blk.bias is not None:  # the bias column of ones, without concatenating it
+                col = rows.sum(0)
+                A[i][:d, d] += col
+                A[i][d, :d] += col
+                A[i][d, d] += rows.shape[0]
             counts[i] += rows.shape[0]
 
         def on_grads(i, g):

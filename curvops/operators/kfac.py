@@ -32,7 +32,7 @@ class KronFactors(NamedTuple):
 
 
 class _Kronecker(Operator):
-    """Block diagonal over layers; each block maps the layer's Θ-shaped columns [K, d_out, a]."""
+    """Block diagonal over layers; each block maps the layer's Θ-shaped columns [d_out, a, K]."""
 
     def __init__(self, objective, blocks, tags):
         P = objective.num_params
@@ -65,8 +65,9 @@ class _Kronecker(Operator):
 
 
 def _sandwich(Q_B: Tensor, lam: Tensor, Q_A: Tensor, X: Tensor) -> Tensor:
-    """``Q_B (Λ ⊙ (Q_Bᵀ X Q_A)) Q_Aᵀ`` for a block of columns X [K, d_out, a]."""
-    return Q_B @ (lam * (Q_B.T @ X @ Q_A)) @ Q_A.T
+    """``Q_B (Λ ⊙ (Q_Bᵀ X Q_A)) Q_Aᵀ`` for a block of columns X [d_out, a, K]."""
+    Y = torch.einsum("ji,jkv,kl->ilv", Q_B, X, Q_A) * lam[:, :, None]
+    return torch.einsum("ij,jkv,lk->ilv", Q_B, Y, Q_A)
 
 
 class KFAC(_Kronecker):
@@ -258,7 +259,7 @@ class KFAC(_Kronecker):
     # ---- products and functions of the matrix ----------------------------------------------
     def _block(self, i: int, X: Tensor) -> Tensor:
         As, Bs = self._current()
-        return Bs[i] @ X @ As[i]
+        return torch.einsum("ij,jkv,kl->ilv", Bs[i], X, As[i])
 
     def _matmat_torch(self, V: Tensor) -> Tensor:
         self._current()  # (re)compute the factors once, before the blocks read them
