@@ -234,3 +234,25 @@ def test_refusals_and_model_untouched():
     norm = nn.Sequential(nn.Linear(D, H), nn.LayerNorm(H), nn.Linear(H, 3)).to(DT)
     with pytest.raises(ValueError, match="1.weight"):  # KFAC names the parameter it cannot factor
         CurvopsGGN(norm, "classification").kron(X, y, N=N)
+
+
+def test_kron_options_reach_kfac():
+    """laplace-torch passes ``asdl_fisher_kwargs`` to ``backend.kron``; ``kfac_approx`` reaches KFAC."""
+    import curvops.interop.laplace as backend_module
+
+    seen = []
+    real = backend_module.KFAC
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["kfac_approx"])
+        return real(*args, **kwargs)
+
+    model, X, y, loss = _problem("classification")
+    backend_module.KFAC = spy
+    try:
+        la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron", backend=CurvopsGGN,
+                     prior_precision=PRIOR, asdl_fisher_kwargs={"kfac_approx": "reduce"})
+        la.fit(DataLoader(TensorDataset(X, y), batch_size=8))
+    finally:
+        backend_module.KFAC = real
+    assert seen == ["reduce"] * 4  # one KFAC per batch (8, 8, 8, 6 samples)
