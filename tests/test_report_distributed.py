@@ -194,6 +194,10 @@ def test_torchrun_report_records_ranks_and_skips(torchrun, one_process):
     run, summary = torchrun
     assert run.stdout.count("curvops report: wrote") == 1  # rank 0 prints, rank 1 is silent
     assert summary["distributed"]["world_size"] == 2 and summary["distributed"]["shard_sizes"] == [19, 18]
+    assert summary["distributed"]["modes"] == {
+        "all ranks (data-parallel)": ["overview", "eigenvalues", "hessian_matrix", "density", "trace", "rank",
+                                      "stationary"],
+        "rank 0 alone (first samples of the whole data)": ["ntk"], "skipped": ["landscape"]}
     assert summary["environment"]["torch.distributed"] == "gloo, 2 ranks, contiguous shards of 19/18 samples"
     land = summary["sections"]["landscape"]
     assert land["status"] == "skipped" and one_process["sections"]["landscape"]["status"] == "ok"

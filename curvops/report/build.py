@@ -168,7 +168,7 @@ def build_report(model, loss, data, outdir, *, quick: bool = False, top_k: int |
         "sections": {}, "timings": {}, "figures": {},
     }
     if ranks is not None:
-        summary["distributed"] = ranks.record()
+        summary["distributed"] = ranks.record(wanted)
     bar = tqdm(total=len(wanted), desc="curvops report", unit="section", file=sys.stderr, disable=not progress,
                leave=False)
     try:

@@ -34,6 +34,7 @@ from torch import Tensor
 MODES = {"overview": "all", "eigenvalues": "all", "hessian_matrix": "all", "density": "all", "trace": "all",
          "condition": "all", "rank": "all", "stationary": "all",
          "ntk": "rank0", "active_subspace": "rank0", "architecture": "rank0",
+         "active_subspace_prior": "rank0",  # report/sections_prior.py: on the first samples, one process
          "landscape": "skip"}
 
 #: why a section is skipped under torch.distributed (shown in the report)
@@ -71,13 +72,15 @@ class Ranks:
         sizes = "/".join(str(s) for s in self.shard_sizes)
         return f"{self.backend}, {self.world} ranks, contiguous shards of {sizes} {self.unit}"
 
-    def record(self) -> dict:
+    def record(self, sections) -> dict:
+        """What ``summary["distributed"]`` holds: the group, the shards and how each of ``sections`` ran."""
+        modes = {s: self.mode(s) for s in sections}
         return {"world_size": self.world, "backend": self.backend, "sharding": "contiguous",
                 "shard_sizes": list(self.shard_sizes), "shard_unit": self.unit,
-                "modes": {"all ranks (data-parallel)": [s for s, m in MODES.items() if m == "all"],
+                "modes": {"all ranks (data-parallel)": [s for s, m in modes.items() if m == "all"],
                           "rank 0 alone (first samples of the whole data)":
-                              [s for s, m in MODES.items() if m == "rank0"],
-                          "skipped": [s for s, m in MODES.items() if m == "skip"]}}
+                              [s for s, m in modes.items() if m == "rank0"],
+                          "skipped": [s for s, m in modes.items() if m == "skip"]}}
 
     # ---- collectives of the driver ------------------------------------------------------------
     def gather(self, obj) -> list:
