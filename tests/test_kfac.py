@@ -489,3 +489,125 @@ def test_kron_factors_records_rebuild_the_operator():
         idx = theta_index(model, r)
         rebuilt[idx[:, None], idx[None, :]] = torch.kron(r.B, r.A)
     torch.testing.assert_close(Kd, rebuilt, rtol=1e-12, atol=1e-15)
+
+
+# ---- torch.distributed: 2 processes on gloo -----------------------------------------------------
+def _dist_worker(rank: int, port: int, outdir: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    result: dict = {}
+    try:
+        X, y = _dist_data()
+        shard = slice(0, 9) if rank == 0 else slice(9, 17)  # uneven shards, ignored targets mostly on rank 0
+        for name, cls, ft in _DIST_CASES:
+            obj = curvops.Objective(convnet(), "cross_entropy", (X[shard], y[shard]), batch_size=4, distributed=True)
+            result[name] = cls(obj, fisher_type=ft).to_dense()
+    except Exception:  # noqa: BLE001 - reported through the file
+        import traceback
+
+        result["crash"] = traceback.format_exc()
+    finally:
+        torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def _dist_data():
+    X, y = data("conv", "cross_entropy", n=17)
+    y[[0, 3, 4, 12]] = -100
+    return X, y
+
+
+_DIST_CASES = [("kfac", curvops.KFAC, "type-2"), ("ekfac_ef", curvops.EKFAC, "empirical")]
+
+
+def test_distributed_factors_equal_one_process_on_every_rank(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.spawn(_dist_worker, args=(port, str(tmp_path)), nprocs=2, join=False)
+    for p in ctx.processes:
+        p.join(120)
+    alive = [p for p in ctx.processes if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "distributed workers hung"
+    out = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for r, res in enumerate(out):
+        assert "crash" not in res, f"rank {r} crashed:\n{res['crash']}"
+    X, y = _dist_data()
+    for name, cls, ft in _DIST_CASES:
+        ref = cls(convnet(), "cross_entropy", (X, y), batch_size=5, fisher_type=ft).to_dense()
+        for res in out:
+            assert rel(res[name], ref) < 1e-12, name
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=(2, 3), stride=(2, 1), padding=(1, 0)),
+                                dict(kernel_size=3, dilation=2, padding="same"), dict(kernel_size=(3, 2), padding="same"),
+                                dict(kernel_size=2, padding="valid", stride=2)])
+def test_conv_patches_match_the_convolution(kw):
+    """Σ_patch W·patch + b reproduces the conv output, for strides, dilations and 'same'/'valid' padding."""
+    from curvops.operators._kfac_layers import LayerBlock, input_rows
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, **kw).to(DT)
+    x = torch.randn(2, 3, 7, 8, dtype=DT)
+    blk = LayerBlock("c", "conv2d", "weight", "bias", 4, conv.weight[0].numel())
+    rows = input_rows(blk, conv, x)  # [n, L, c·kh·kw]
+    out = conv(x)
+    z = rows @ conv.weight.reshape(4, -1).T + conv.bias
+    torch.testing.assert_close(z.transpose(1, 2).reshape(out.shape), out, rtol=1e-12, atol=1e-12)
+
+
+def test_inverses_match_curvlinops_exact_and_heuristic_damping():
+    cl = _needs_curvlinops()
+    model = convnet()
+    X, y = data("conv", "cross_entropy")
+    loss = nn.CrossEntropyLoss()
+    theirs = cl.KFACLinearOperator(model, loss, list(model.parameters()), [(X, y)], fisher_type="type-2",
+                                   separate_weight_and_bias=False, check_deterministic=False)
+    ours = curvops.KFAC(model, loss, (X, y))
+    V = torch.randn(ours.shape[0], 3, dtype=DT)
+    for kwargs, pi in ((dict(use_exact_damping=True), False), (dict(use_heuristic_damping=True), True)):
+        ref = cl.KFACInverseLinearOperator(theirs, damping=1e-2, **kwargs) @ V
+        assert rel(ours.inverse(1e-2, pi_damping=pi) @ V, ref) < 1e-10
+
+
+def test_gpt2_attention_and_mlp_projections():
+    """transformers' GPT-2: its Conv1D projections get blocks; embeddings and LayerNorms are refused by name
+    or skipped; the factors of the tied lm_head (shared with the token embedding) are refused."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2,
+                                  attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).to(DT).eval()
+    ids = torch.randint(0, 11, (3, 6))
+    batch = {"input_ids": ids, "labels": ids}
+    with pytest.raises(ValueError, match=r"transformer\.wte\.weight \(shared by modules \['lm_head', 'transformer\.wte'\]\)"):
+        curvops.KFAC(model, "causal_lm", batch)
+    layers = ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+              "transformer.h.0.mlp.c_proj"]
+    K = curvops.KFAC(model, "causal_lm", batch, layers=layers)
+    assert [r.kind for r in K.kron_factors()] == ["conv1d_hf"] * 4
+    assert K.shape[0] == sum(p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[0] in layers)
+    G = curvops.GGN(model, "causal_lm", batch, params=list(K.objective.names)).to_dense()
+    Kd = K.to_dense()
+    for rec in K.kron_factors():  # every block has the GGN block's trace order of magnitude, and EKFAC its trace
+        o = K.objective.layout.offsets()
+        idx = torch.cat([torch.arange(*o[n]) for n in rec.params])
+        ratio = float(torch.trace(Kd[idx][:, idx]) / torch.trace(G[idx][:, idx]))
+        assert 0.1 < ratio < 10
+    # the empirical variant uses each sequence's own gradient, so EKFAC keeps the exact trace of the EF
+    E = curvops.EKFAC(model, "causal_lm", batch, layers=layers, fisher_type="empirical")
+    EF = curvops.EmpiricalFisher(model, "causal_lm", batch, params=list(K.objective.names)).to_dense()
+    torch.testing.assert_close(E.trace(), torch.trace(EF), rtol=1e-10, atol=0)
+    Ks = curvops.KFAC(model, "causal_lm", batch, skip_unsupported=True)
+    assert "transformer.wte.weight" in Ks.skipped[0] and len(Ks.blocks) == 4

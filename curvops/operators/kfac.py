@@ -380,8 +380,9 @@ class EKFAC(KFAC):
     the exact curvature block (GGN for ``"type-2"``, empirical Fisher for ``"empirical"``, the MC
     Fisher for ``"mc"``) in the KFAC eigenbasis, i.e. the diagonal that minimizes the Frobenius
     distance to the exact block in that basis (George et al., 2018) — exactly so when the model
-    output has one row per sample (for sequence outputs the columns of all positions are
-    backpropagated together, as for KFAC).
+    output has one row per sample, and for ``"empirical"`` always (for sequence outputs with
+    ``"type-2"``/``"mc"`` the columns of all positions are backpropagated together, as for KFAC,
+    which adds cross-position terms where later layers mix positions: docs/guide/kfac.md).
 
     **Cost**: two passes over the data at the first product (factors, then eigenvalues; the second
     forms per-sample gradients in the eigenbasis in chunks of samples); recomputed when the model
