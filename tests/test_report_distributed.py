@@ -297,3 +297,42 @@ def test_a_loader_that_cannot_be_sharded_is_refused():
         shard_data(DataLoader(ds, batch_size=2, shuffle=True), 0, 2)
     with pytest.raises(TypeError, match="expected data as .X, y., a dict of tensors, a list of batches or a Data"):
         shard_data(iter([]), 0, 2)
+
+
+# ---- the agreement after each section (no processes: rank 1's answer is made up) --------------------
+class _FakeContext:
+    def __init__(self, other):
+        from curvops.report.ranks import Ranks
+
+        self.ranks = Ranks(group=None, rank=0, world=2, backend="gloo")
+        self.ranks.gather = lambda mine: [mine, other(mine)]
+
+    def steps(self, name, unit="product"):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def _agree(monkeypatch, other, strict=False):
+    from curvops.report import build
+
+    monkeypatch.setitem(build._SECTION_FUNCS, "trace", lambda ctx: {"hessian": {"value": 1.5}})
+    summary = {"failed_sections": [], "warnings": []}
+    return build._run_distributed("trace", _FakeContext(other), summary, strict), summary
+
+
+def test_a_section_that_fails_on_another_rank_fails_on_every_rank(monkeypatch):
+    result, summary = _agree(monkeypatch, lambda mine: ("error", "ValueError: boom", None))
+    assert result["status"] == "error" and result["message"] == "rank 1: ValueError: boom"
+    assert summary["failed_sections"] == ["trace"] and "rank 1: ValueError: boom" in summary["warnings"][0]
+    with pytest.raises(RuntimeError, match="The trace section failed on another rank: rank 1: ValueError: boom"):
+        _agree(monkeypatch, lambda mine: ("error", "ValueError: boom", None), strict=True)
+
+
+def test_numbers_that_differ_across_ranks_are_reported(monkeypatch):
+    result, summary = _agree(monkeypatch, lambda mine: ("ok", None, "another hash"))
+    assert result == {"status": "ok", "hessian": {"value": 1.5}}
+    assert summary["warnings"] == ["The trace section's numbers differ on ranks [1] from rank 0's (shown); the "
+                                   "ranks' products were not bitwise identical."]
+    result, summary = _agree(monkeypatch, lambda mine: mine)  # the same hash: nothing to say
+    assert result["status"] == "ok" and not summary["warnings"]
