@@ -29,6 +29,9 @@ and GGN) and :mod:`~curvops.report.sections_model` (overview, NTK, active subspa
 architecture), what they share in :mod:`~curvops.report.context`, the budgets in
 :mod:`~curvops.report.budgets`, condition numbers made consistent with ranks in
 :mod:`~curvops.report.consistency`, and ``summary.json`` in :mod:`~curvops.report.summary`.
+Under torch.distributed (``distributed=True``, ``curvops report`` under ``torchrun``) the sharding,
+the mode of each section and the agreement of the ranks after each section are in
+:mod:`~curvops.report.ranks`.
 """
 
 from __future__ import annotations
