@@ -27,8 +27,9 @@ layout: ``[B, A]`` for a weight, ``[B]`` for its bias), each scaled by ``factor`
 
 ``last_layer=True`` (``subset_of_weights="last_layer"``) and ``subnetwork_indices``
 (``SubnetLaplace``, ``full`` only) are supported; the Jacobians of the predictive come from
-laplace-torch's own ``torch.func`` code (inherited).  Dict-shaped (HuggingFace) batches are not
-supported yet: those raise a ``TypeError``.
+laplace-torch's own ``torch.func`` code (inherited).  Dict-shaped batches (``dict_key_x``/``dict_key_y``,
+HuggingFace style) reach the model as one positional dict of tensors, as laplace-torch passes them,
+without the labels entry (``dict_key_y``).
 
 Install: ``pip install 'curvops[laplace]'`` pulls laplace-torch from PyPI, which pulls torchvision
 (and may replace a CPU torch by a CUDA build); on a CPU-only torch install it without dependencies
@@ -75,12 +76,17 @@ class CurvopsInterface(CurvatureInterface):
     # ---- the batch ------------------------------------------------------------------------
     def _objective(self, x, y) -> Objective:
         api = type(self).__name__
-        if isinstance(x, (dict, MutableMapping)):
-            raise TypeError(f"{api}: dict-shaped batches (HuggingFace models) are not supported by the curvops "
-                            f"backends yet; use laplace-torch's CurvlinopsGGN/CurvlinopsEF for those.")
-        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-            raise TypeError(f"{api}: expected tensor inputs and targets, got {type(x).__name__} and "
-                            f"{type(y).__name__}.")
+        if not isinstance(y, Tensor):
+            raise TypeError(f"{api}: expected tensor targets, got {type(y).__name__}.")
+        if isinstance(x, MutableMapping):  # laplace-torch calls model(batch) with the whole dict, labels included
+            batch = {k: v for k, v in x.items() if k != self.dict_key_y}
+            bad = [k for k, v in batch.items() if not isinstance(v, Tensor)]
+            if bad:
+                raise TypeError(f"{api}: expected a dict batch of tensors, got non-tensor entries {bad}; "
+                                f"remove them from the batches (or use laplace-torch's CurvlinopsGGN).")
+            return Objective(self.model, self.lossfunc, [(batch, y)], params=list(self.params), call="positional")
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{api}: expected tensor (or dict-of-tensor) inputs, got {type(x).__name__}.")
         return Objective(self.model, self.lossfunc, [(x, y)], params=list(self.params))
 
     def _loss(self, obj: Objective) -> Tensor:
