@@ -21,9 +21,10 @@ from torch import Tensor
 
 from ._checks import check_choice, check_generator
 from ._primitives import (
-    DISTRIBUTIONS, _blocks, _check_block_size, _check_budget, _exact_diagonal, _operator, _probes, _product,
+    DISTRIBUTIONS, _check_block_size, _check_budget, _exact_diagonal, _operator, _product,
     _safe_inverse_transpose, _work_dtype,
 )
+from ._probe_stream import ProbeStream, default_step
 
 DIAGONAL_METHODS = ("hutchinson", "xdiag", "exact")
 
@@ -50,6 +51,32 @@ def _mean_stderr_columns(D: Tensor) -> tuple[Tensor, Tensor]:
     mean = D.mean(dim=1)
     stderr = D.std(dim=1) / math.sqrt(k) if k > 1 else torch.full_like(mean, float("nan"))
     return mean, stderr
+
+
+class _RowMoments:
+    """Entrywise mean and variance of columns added block by block (Chan, Golub, LeVeque's
+    pairwise update): O(n) memory however many columns."""
+
+    def __init__(self, n: int, dtype, device):
+        self.count = 0
+        self.mean = torch.zeros(n, dtype=dtype, device=device)
+        self.m2 = torch.zeros(n, dtype=dtype, device=device)
+
+    def add(self, D: Tensor) -> None:  # [n, b]
+        b = D.shape[1]
+        mean_b = D.mean(dim=1)
+        m2_b = ((D - mean_b[:, None]) ** 2).sum(dim=1)
+        total = self.count + b
+        delta = mean_b - self.mean
+        self.mean += delta * (b / total)
+        self.m2 += m2_b + delta * delta * (self.count * b / total)
+        self.count = total
+
+    def mean_stderr(self) -> tuple[Tensor, Tensor]:
+        k = self.count
+        if k < 2:
+            return self.mean, torch.full_like(self.mean, float("nan"))
+        return self.mean, (self.m2 / (k - 1)).sqrt_() / math.sqrt(k)
 
 
 def diagonal(A, *, method: str = "xdiag", num_matvecs: int = 100, distribution: str = "rademacher",
@@ -83,7 +110,10 @@ def diagonal(A, *, method: str = "xdiag", num_matvecs: int = 100, distribution: 
         generator: random source for the test vectors: ``None``,
             a ``torch.Generator``, or an int seed (a new generator on the operator's device,
             seeded with it).
-        block_size: columns per product for Hutchinson and the exact diagonal.
+        block_size: columns per product for Hutchinson (default: the operator's ``max_columns``
+            where it has one, else all) and the exact diagonal (default 256).  Hutchinson draws its
+            probes block by block, each column from its own seed: the estimate does not depend on
+            ``block_size``, and memory is one block plus O(n).
 
     Returns:
         :class:`DiagonalResult` (``value``, ``stderr``, ``num_matvecs``, ``method``).
@@ -115,16 +145,15 @@ def diagonal(A, *, method: str = "xdiag", num_matvecs: int = 100, distribution: 
         return DiagonalResult(d, torch.zeros_like(d), n, "exact")
     gen = dict(distribution=distribution, generator=generator, dtype=A.torch_dtype, device=A.device, api=api)
     work = _work_dtype(A.device)
-    if method == "hutchinson":
-        Omega = _probes(n, m, **gen)
-        D = torch.empty(n, m, dtype=work, device=A.device)
-        for start, stop in _blocks(m, block_size):
-            W = Omega[:, start:stop]
-            D[:, start:stop] = W.to(work) * _product(A, W, api, f"(probes {start}:{stop})").to(work)
-        mean, stderr = _mean_stderr_columns(D)
+    if method == "hutchinson":  # one block of probes at a time, O(n) accumulators
+        moments = _RowMoments(n, work, A.device)
+        for start, stop, W in ProbeStream(n, m, **gen).blocks(default_step(A, block_size, m)):
+            moments.add(W.to(work) * _product(A, W, api, f"(probes {start}:{stop})").to(work))
+            del W
+        mean, stderr = moments.mean_stderr()
         return DiagonalResult(mean.to(A.torch_dtype), stderr.to(A.torch_dtype), m, "hutchinson")
     s = m // 2
-    Omega = _probes(n, s, **gen)
+    Omega = ProbeStream(n, s, **gen).block(0, s)
     Y = _product(A, Omega, api, "(test vectors)").to(work)
     Omega = Omega.to(work)
     Q, R = torch.linalg.qr(Y)

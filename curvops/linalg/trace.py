@@ -33,9 +33,10 @@ from torch import Tensor
 
 from ._checks import check_choice, check_flag, check_generator
 from ._primitives import (
-    DISTRIBUTIONS, _blocks, _check_block_size, _check_budget, _exact_diagonal, _operator, _probes, _product,
+    DISTRIBUTIONS, _blocks, _check_block_size, _check_budget, _exact_diagonal, _operator, _product,
     _safe_inverse_transpose, _unit_block, _work_dtype,
 )
+from ._probe_stream import ProbeStream, default_step
 
 TRACE_METHODS = ("hutchinson", "hutch++", "xtrace", "xnystrace")
 FROBENIUS_METHODS = ("hutchinson", "hutch++")
@@ -134,7 +135,8 @@ def trace(A, *, method: str = "xtrace", num_matvecs: int = 100, distribution: st
     **Cost**: ``num_matvecs`` products (XTrace: the even part of it), in 1 block (Hutchinson
     with ``block_size=None``, XNysTrace), 2 blocks (XTrace) or 3 blocks (Hutch++: the sketch,
     then ``AQ`` and the residual probes together as two blocks of one call each).  No
-    adjoint products.  Memory $O(ns)$.
+    adjoint products.  Memory $O(ns)$ for the sketching methods; Hutchinson holds one block of
+    probes at a time (in the operator's dtype), so its memory does not grow with ``num_matvecs``.
 
     Args:
         A: square operator (or a tensor/array/scipy operator, wrapped with ``as_operator``).
@@ -148,7 +150,9 @@ def trace(A, *, method: str = "xtrace", num_matvecs: int = 100, distribution: st
         generator: random source for the test vectors (reproducible results): a
             ``torch.Generator``, an int seed (a new generator on the operator's device seeded
             with it), or None for the default generator.
-        block_size: Hutchinson only: columns per product (default: all in one block).
+        block_size: Hutchinson only: columns per product (default: the operator's ``max_columns``
+            where it has one, else all in one block).  The probes are drawn block by block
+            (each column from its own seed, so the estimate does not depend on ``block_size``).
         assume_psd: XNysTrace only: treat ``A`` as PSD although it has no ``"psd"`` tag.
 
     Returns:
@@ -208,12 +212,11 @@ def trace(A, *, method: str = "xtrace", num_matvecs: int = 100, distribution: st
 def _hutchinson(A, m: int, block_size, gen: dict, api: str) -> TraceResult:
     n = A.shape[0]
     work = _work_dtype(A.device)
-    Omega = _probes(n, m, **gen)
     samples = torch.empty(m, dtype=work, device=A.device)
-    for start, stop in _blocks(m, block_size):
-        W = Omega[:, start:stop]
+    for start, stop, W in ProbeStream(n, m, **gen).blocks(default_step(A, block_size, m)):  # one block held
         Y = _product(A, W, api, f"(probes {start}:{stop})")
         samples[start:stop] = (W.to(work) * Y.to(work)).sum(0)
+        del W, Y
     value, stderr = _mean_stderr(samples)
     return TraceResult(value, stderr, m, "hutchinson", samples)
 
@@ -223,10 +226,10 @@ def _hutchpp(A, m: int, gen: dict, api: str) -> TraceResult:
     work = _work_dtype(A.device)
     k = m // 3
     g = m - 2 * k
-    S = _probes(n, k, **gen)
-    Q, _ = torch.linalg.qr(_product(A, S, api, "(sketch)").to(work))
-    G = _probes(n, g, **gen).to(work)
-    G = G - Q @ (Q.T @ G)
+    probes = ProbeStream(n, k + g, **gen)  # columns 0:k sketch, k:k+g residual probes
+    Q, _ = torch.linalg.qr(_product(A, probes.block(0, k), api, "(sketch)").to(work))
+    G = probes.block(k, k + g).to(work)
+    G -= Q @ (Q.T @ G)
     Z = _product(A, torch.cat([Q, G], dim=1), api, "(deflation and residual probes)").to(work)
     low = float((Q * Z[:, :k]).sum())
     samples = (G * Z[:, k:]).sum(0)
@@ -237,7 +240,7 @@ def _hutchpp(A, m: int, gen: dict, api: str) -> TraceResult:
 def _xtrace(A, s: int, gen: dict, api: str) -> TraceResult:
     n = A.shape[0]
     work = _work_dtype(A.device)
-    Omega = _probes(n, s, **gen)
+    Omega = ProbeStream(n, s, **gen).block(0, s)
     Y = _product(A, Omega, api, "(test vectors)").to(work)
     Omega = Omega.to(work)
     Q, R = torch.linalg.qr(Y)
@@ -249,9 +252,10 @@ def _xtrace(A, s: int, gen: dict, api: str) -> TraceResult:
     c = (S * W).sum(0)  # ŝ_iᵀ Qᵀ ω_i
     low = H.diagonal().sum() - (S * (H @ S)).sum(0)  # tr(Q_(i)ᵀ A Q_(i))
     M = W - S * c  # column i: Qᵀ ω_i − c_i ŝ_i, so that P_i ω_i = ω_i − Q M_i
-    U = Omega - Q @ M  # P_i ω_i
-    V = Y - Z @ M  # A P_i ω_i
-    resid = (U * V).sum(0)
+    U = Omega.addmm_(Q, M, alpha=-1)  # P_i ω_i (in place: Ω is not needed any more)
+    V = Y.addmm_(Z, M, alpha=-1)  # A P_i ω_i (in place)
+    del Z
+    resid = U.mul_(V).sum(0)
     if gen["distribution"] == "sphere":
         resid = resid * ((n - s + 1) / (n - (W * W).sum(0) + c * c).clamp_min(torch.finfo(work).tiny))
     samples = low + resid
@@ -276,7 +280,7 @@ def _shifted_cholesky(C: Tensor, Gram: Tensor, nu: float, api: str) -> tuple[Ten
 def _xnystrace(A, s: int, gen: dict, api: str) -> TraceResult:
     n = A.shape[0]
     work = _work_dtype(A.device)
-    Omega = _probes(n, s, **gen)
+    Omega = ProbeStream(n, s, **gen).block(0, s)
     Y = _product(A, Omega, api, "(test vectors)").to(work)
     Omega = Omega.to(work)
     ynorm = float(Y.norm())
@@ -363,19 +367,20 @@ def frobenius_norm(A, *, method: str = "hutch++", num_matvecs: int = 100, distri
             total += float((Y.to(work) ** 2).sum())
         sq = TraceResult(total, 0.0, N, "exact")
     elif method == "hutchinson":
-        Omega = _probes(N, m, **gen)
         samples = torch.empty(m, dtype=work, device=A.device)
-        for start, stop in _blocks(m, block_size):
-            Y = _product(A, Omega[:, start:stop], api, f"(probes {start}:{stop})")
+        for start, stop, W in ProbeStream(N, m, **gen).blocks(default_step(A, block_size, m)):
+            Y = _product(A, W, api, f"(probes {start}:{stop})")
             samples[start:stop] = (Y.to(work) ** 2).sum(0)
+            del W, Y
         sq = TraceResult(*_mean_stderr(samples), m, "hutchinson", samples)
     else:
         k = m // 3
         g = m - k - k
-        Wr = _probes(M, k, **gen)
+        Wr = ProbeStream(M, k, **gen).block(0, k)
         Q, _ = torch.linalg.qr(_product(A, Wr, api, "(row-space sketch)", adjoint=True).to(work))
-        G = _probes(N, g, **gen).to(work)
-        G = G - Q @ (Q.T @ G)
+        del Wr
+        G = ProbeStream(N, g, **gen).block(0, g).to(work)
+        G -= Q @ (Q.T @ G)
         Z = _product(A, torch.cat([Q, G], dim=1), api, "(deflation and residual probes)").to(work)
         low = float((Z[:, :k] ** 2).sum())
         samples = (Z[:, k:] ** 2).sum(0)

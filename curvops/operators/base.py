@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .._modes import product_mode, usable
 from ..layout import ParamLayout
+from . import _threads
 from . import tags as _tags
 
 #: default refusal threshold of :meth:`Operator.to_dense` (entries).
@@ -169,8 +170,34 @@ class Operator(spla.LinearOperator):
                 f"{api}: expected a tensor on {self.device}, got one on {V.device}. Move it with v.to('{self.device}')."
             )
 
+    def _column_step(self) -> int | None:
+        """Columns per call of ``_matmat_torch`` for a top-level product (None: all at once).
+
+        An operator with a positive integer ``max_columns`` (the curvature operators, Jacobians,
+        covariances) gets blocks wider than that in slices of ``max_columns`` columns written into
+        one preallocated output, so a block's extra memory is the output plus one slice's work,
+        whatever its width.  Each slice is one pass over the data.
+        """
+        step = getattr(self, "max_columns", None)
+        return step if isinstance(step, int) and not isinstance(step, bool) and step > 0 else None
+
+    def _sliced(self, fn, V: Tensor, rows: int) -> Tensor:
+        """``fn(V)`` slice by slice of ``_column_step()`` columns into a preallocated ``[rows, K]``."""
+        K, step = V.shape[1], self._column_step()
+        if step is None or K <= step:
+            return fn(V)
+        out = None
+        for start in range(0, K, step):
+            Y = fn(V[:, start:start + step])
+            if out is None:
+                out = Y.new_empty(rows, K)
+            out[:, start:start + Y.shape[1]] = Y
+            del Y
+        return out
+
     def matmat_torch(self, V: Tensor) -> Tensor:
-        """Torch product ``A @ V`` for ``V`` of shape [N] or [N, K]."""
+        """Torch product ``A @ V`` for ``V`` of shape [N] or [N, K] (wide blocks in slices, see
+        :meth:`_column_step`)."""
         api = f"{self._name} @ v"
         self._check_torch(V, self.shape[1], api)
         if V.dim() == 2 and V.shape[1] == 0:
@@ -179,7 +206,7 @@ class Operator(spla.LinearOperator):
             V = usable(V).detach()  # a vector that requires grad (GPyTorch's) must not record the product
             if V.dim() == 1:
                 return self._matmat_torch(V[:, None])[:, 0]
-            return self._matmat_torch(V)
+            return self._sliced(self._matmat_torch, V, self.shape[0])
 
     def rmatmat_torch(self, W: Tensor) -> Tensor:
         """Torch adjoint product ``Aᵀ @ W`` for ``W`` of shape [M] or [M, K]."""
@@ -191,7 +218,7 @@ class Operator(spla.LinearOperator):
             W = usable(W).detach()
             if W.dim() == 1:
                 return self._rmatmat_torch(W[:, None])[:, 0]
-            return self._rmatmat_torch(W)
+            return self._sliced(self._rmatmat_torch, W, self.shape[1])
 
     def _apply(self, x: Any, adjoint: bool = False):
         """Dispatch on the input's kind: torch, dict/list of tensors, numpy."""
@@ -245,6 +272,7 @@ class Operator(spla.LinearOperator):
         return super().rmatmat(X)
 
     def _matmat(self, X):
+        _threads.limit_for_scipy_solver()  # inside scipy's ARPACK: its BLAS on one thread (see _threads)
         V = torch.as_tensor(np.asarray(X), dtype=self.torch_dtype, device=self.device)
         return self.matmat_torch(V).detach().cpu().numpy()
 
@@ -252,6 +280,7 @@ class Operator(spla.LinearOperator):
         return self._matmat(np.asarray(x).reshape(-1, 1))
 
     def _rmatmat(self, X):
+        _threads.limit_for_scipy_solver()
         V = torch.as_tensor(np.asarray(X), dtype=self.torch_dtype, device=self.device)
         return self.rmatmat_torch(V).detach().cpu().numpy()
 
@@ -354,7 +383,8 @@ class Operator(spla.LinearOperator):
 
     # ---- densification -------------------------------------------------------------
     def to_dense(self, *, max_entries: int = MAX_DENSE_ENTRIES, chunk: int = 256) -> Tensor:
-        """Materialize the matrix as a torch tensor [M, N] (N products, ``chunk`` columns at a time).
+        """Materialize the matrix as a torch tensor [M, N] (N products, ``chunk`` columns at a time,
+        written into one preallocated output: peak memory the matrix plus one chunk's work).
 
         Raises:
             ValueError: if M·N exceeds ``max_entries`` (pass a larger ``max_entries`` to force it).
@@ -366,14 +396,15 @@ class Operator(spla.LinearOperator):
                 f"above max_entries={max_entries:,}. Use matrix-free algorithms, or pass a larger "
                 f"max_entries if you really need it dense."
             )
-        cols = []
+        out = torch.empty(M, N, dtype=self.torch_dtype, device=self.device)  # the only full-size array
         with product_mode():
             for start in range(0, N, chunk):
                 stop = min(start + chunk, N)
                 E = torch.zeros(N, stop - start, dtype=self.torch_dtype, device=self.device)
                 E[torch.arange(start, stop), torch.arange(stop - start)] = 1
-                cols.append(self._matmat_torch(E))
-        return torch.cat(cols, dim=1) if cols else torch.zeros(M, 0, dtype=self.torch_dtype, device=self.device)
+                out[:, start:stop] = self._sliced(self._matmat_torch, E, M)
+                del E
+        return out
 
     def __repr__(self) -> str:
         """``<Name M×N dtype on device tags=… last_path=…>``."""
