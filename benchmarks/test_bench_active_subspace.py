@@ -49,3 +49,33 @@ def test_active_subspace(benchmark, setup, key):
             benchmark.extra_info["speedup_vs_naive"] = seconds["naive"] / seconds[key]
     if key in B.TOP_ROWS:
         assert within == K, f"{key}: only {within}/{K} eigenvalues within {TOL:g} (max relative error {float(rel.max()):.1e})"
+
+
+# ---- the matrix over a parameter prior (issue 13): ratios to the floor in the same session ----------------
+import bench_active_subspace_prior as BP  # noqa: E402
+
+PRIOR_ROWS = ["floor", "gradients", "top", "top.bounded", "values", "naive.values"]
+
+
+@pytest.fixture(scope="module")
+def prior_setup():
+    """N = 10 000 × BENCH_SCALE draws; the dense reference (eigh of GᵀG/N of the same draws) and the floor."""
+    n = max(200, int(10_000 * B.W.scale_from_env()))
+    ref = BP.run_row("naive", n, 0)
+    return n, ref, {}
+
+
+@pytest.mark.parametrize("key", PRIOR_ROWS)
+def test_active_subspace_prior(benchmark, prior_setup, key):
+    n, ref, seconds = prior_setup
+    benchmark.group = "active subspace over a parameter prior, seed002"
+    found = benchmark.pedantic(lambda: BP.run_row(key, n, 0), rounds=1, iterations=1)
+    acc = BP._accuracy(found, ref)
+    benchmark.extra_info.update(num_samples=n, note=found["note"], **acc)
+    seconds[key] = found["seconds"]
+    if "floor" in seconds:
+        benchmark.extra_info["ratio_to_floor"] = found["seconds"] / seconds["floor"]
+    if key in ("top", "top.bounded") and found["values"] is not None:
+        assert acc["top_relerr"] <= BP.TOL and acc["top_distance"] < 1e-5, acc
+    if key == "values":
+        assert acc["all_normwise"] < 1e-10, acc

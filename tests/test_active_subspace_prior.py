@@ -35,10 +35,10 @@ def _naive_gradients(model, loss: str, X, y, Theta, batch_size=None) -> torch.Te
     """Row j: ∇L(θ_j) of the whole-data mean loss, one autograd.grad per draw (loop over draws)."""
     fn = nn.functional.mse_loss if loss == "mse" else nn.functional.cross_entropy
     rows = []
+    m = copy.deepcopy(model)  # one copy; every draw written into its parameters
+    params = list(m.parameters())
     for theta in Theta:
-        m = copy.deepcopy(model)
-        nn.utils.vector_to_parameters(theta.clone(), m.parameters())
-        params = list(m.parameters())
+        nn.utils.vector_to_parameters(theta.clone(), params)
         value = fn(m(X), y)
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)]))
     return torch.stack(rows)
@@ -229,3 +229,129 @@ def test_example_runs_quick(tmp_path, capsys):
     full = res["full"]
     assert full.k == res["P"] and torch.all(full.eigenvalues[:-1] >= full.eigenvalues[1:])
     torch.testing.assert_close(res["lead"].sum(), torch.tensor(1.0, dtype=D))
+
+
+@pytest.mark.parametrize("method", ["snapshot", "operator"])
+def test_convergence_with_a_prior_matches_naive(method):
+    """active_subspace_convergence(prior=...): the first N draws for each N, against the naive loop."""
+    from curvops.analysis.active_subspace import active_subspace_convergence, subspace_distances
+
+    model, X, y = _problem()
+    P = _num_params(model)
+    prior = Recorder(P)
+    sizes, k = [12, 25, 40], 3
+    conv = active_subspace_convergence(model, "mse", (X, y), prior=prior, sample_sizes=sizes, k=k, method=method,
+                                       chunk_size=9, tol=1e-12, generator=torch.Generator().manual_seed(2))
+    assert len(prior.calls) == 1 and prior.calls[0].shape == (max(sizes), P)  # num_samples defaults to max(sizes)
+    G = _naive_gradients(model, "mse", X, y, prior.calls[0])
+    ref_lam, ref_W = _naive_eig(G)
+    for i, n in enumerate(sizes):
+        lam, W = _naive_eig(G[:n])
+        torch.testing.assert_close(conv.eigenvalues[i], lam[:k], rtol=0, atol=1e-10 * float(lam[0]))
+        torch.testing.assert_close(conv.eigenvalue_errors[i], (lam[:k] - ref_lam[:k]).abs() / ref_lam[:k],
+                                   rtol=0, atol=1e-9)
+        torch.testing.assert_close(conv.subspace_distances[i], subspace_distances(ref_W[:, :k], W[:, :k]),
+                                   rtol=0, atol=1e-8)
+        assert conv.results[i].num_samples == n and "prior θ from a callable sampler" in conv.results[i].algorithm
+    assert float(conv.subspace_distances[-1].max()) < 1e-8 and conv.reference_num_samples == 40
+    # standard-normal draws: the same draws as prior_gradients with the same generator and num_samples
+    conv2 = active_subspace_convergence(model, "mse", (X, y), prior="standard_normal", num_samples=50,
+                                        sample_sizes=[20, 50], k=2, generator=torch.Generator().manual_seed(6))
+    G2, _ = prior_gradients(model, "mse", (X, y), num_samples=50, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(conv2.eigenvalues[0], _naive_eig(G2[:20])[0][:2], rtol=1e-10, atol=0)
+
+
+def test_convergence_prior_errors():
+    from curvops.analysis.active_subspace import active_subspace_convergence
+
+    model, X, y = _problem()
+    with pytest.raises(ValueError, match=r"sample sizes ≤ the 10 parameter draws \(num_samples\)"):
+        active_subspace_convergence(model, "mse", (X, y), prior="standard_normal", num_samples=10,
+                                    sample_sizes=[5, 20], k=2)
+    with pytest.raises(ValueError, match="weights act on data samples"):
+        active_subspace_convergence(model, "mse", (X, y), prior="standard_normal", sample_sizes=[5, 10], k=2,
+                                    weights=torch.ones(X.shape[0], dtype=D))
+    with pytest.raises(TypeError, match="either sampler=.*or prior="):
+        active_subspace_convergence(model, "mse", None, prior="standard_normal", sample_sizes=[5, 10], k=2,
+                                    sampler=lambda n, g: (torch.randn(n, 2, dtype=D), torch.randn(n, 2, dtype=D)))
+
+
+def test_topk_from_the_streamed_gram_matches_naive():
+    """The one-pass top-k (C accumulated chunk by chunk, P² memory, never N·P): forced by a budget that
+    holds C but not G."""
+    model, X, y = _problem()
+    P = _num_params(model)
+    prior, N, k = Recorder(P), 200, 4
+    budget = 50_000
+    assert (P * P + 3 * P * P) * 8 + 3 * 7 * P * 8 < budget < N * P * 8  # C and a Krylov basis fit, G does not
+    res = active_subspace(model, "mse", (X, y), prior=prior, num_samples=N, k=k, chunk_size=7, tol=1e-10,
+                          memory_budget=budget, generator=torch.Generator().manual_seed(0))
+    assert "G not kept" in res.algorithm and res.memory_estimate <= budget and res.num_passes == 1
+    lam, W = _naive_eig(_naive_gradients(model, "mse", X, y, prior.calls[0]))
+    torch.testing.assert_close(res.eigenvalues, lam[:k], rtol=0, atol=1e-10 * float(lam[0]))
+    assert float(subspace_distance(res.eigenvectors, W[:, :k])) < 1e-8
+    assert res.converged and float(res.residuals.max()) < 1e-10
+
+
+def _report_context(tmp_path, model, X, y, options=None):
+    from curvops.report.context import Context
+
+    ctx = Context(model, "mse", (X, y), params=None, batch_size=None, budgets_kw=dict(quick=True), seed=0,
+                  outdir=str(tmp_path), strict=True)
+    if options is not None:
+        ctx.options = options
+    return ctx
+
+
+def test_report_prior_section_is_off_unless_asked(tmp_path):
+    from curvops.report.context import Skipped
+    from curvops.report.sections_model import SECTIONS
+
+    model, X, y = _problem()
+    for options in (None, {}, {"active_subspace_prior": "off"}):
+        with pytest.raises(Skipped, match="off"):
+            SECTIONS["active_subspace_prior"](_report_context(tmp_path, model, X, y, options))
+
+
+def test_report_prior_section_matches_naive(tmp_path):
+    """The section's eigenvalues, layer mass and convergence are those of the naive loop over the same draws
+    (N = subspace_samples draws from the report's seed), and it renders."""
+    from curvops.analysis.active_subspace import subspace_distances
+    from curvops.report import html
+    from curvops.report.sections_model import SECTIONS
+
+    model, X, y = _problem()
+    ctx = _report_context(tmp_path, model, X, y, {"active_subspace_prior": "standard_normal"})
+    out = SECTIONS["active_subspace_prior"](ctx)
+    N, k = ctx.budgets.subspace_samples, out["k"]
+    assert out["num_draws"] == N and out["num_data"] == X.shape[0] and k == min(ctx.budgets.subspace_k, N // 8)
+    _, Theta = prior_gradients(model, "mse", (X, y), num_samples=N, generator=torch.Generator().manual_seed(0))
+    G = _naive_gradients(model, "mse", X, y, Theta)
+    lam, W = _naive_eig(G)
+    torch.testing.assert_close(torch.tensor(out["eigenvalues"], dtype=D), lam[:k], rtol=0, atol=1e-10 * float(lam[0]))
+    sizes = out["convergence"]["sample_sizes"]
+    assert sizes[-1] == N and sizes[0] >= k
+    for i, n in enumerate(sizes):
+        _, Wn = _naive_eig(G[:n])
+        d = subspace_distances(W[:, :k], Wn[:, :k])
+        assert abs(out["convergence"]["distance_topk"][i] - float(d[-1])) < 1e-7
+    share = torch.tensor(out["layer_mass"]["share"], dtype=D)
+    assert abs(float(share.sum()) - 1) < 1e-12 and len(share) == len(list(model.parameters()))
+    assert set(ctx.figures) == {"active_subspace_prior_decay", "active_subspace_prior_layers"}
+    page = html._section("active_subspace_prior", {"status": "ok", **out}, {"figures": ctx.figures})
+    assert "Active subspace over a parameter prior" in page and "Convergence in the number of draws" in page
+    # around:<sigma> draws around the current parameters
+    ctx2 = _report_context(tmp_path, model, X, y, {"active_subspace_prior": "around:0.05"})
+    out2 = SECTIONS["active_subspace_prior"](ctx2)
+    assert out2["prior"] == "around:0.05" and "0.05" in out2["prior_description"]
+
+
+def test_report_prior_option_parsing():
+    from curvops.report.sections_prior import parse_prior_option
+
+    assert parse_prior_option("off") is None and parse_prior_option(None) is None
+    assert parse_prior_option("standard_normal") == "standard_normal"
+    assert parse_prior_option(" around:0.25 ") == ("around", 0.25)
+    for bad in ("around:", "around:-1", "around:nan", "around:x", "normal", 3):
+        with pytest.raises(ValueError, match="--active-subspace-prior: expected"):
+            parse_prior_option(bad)

@@ -67,6 +67,7 @@ _TITLES = {
     "stationary": "Stationary point",
     "ntk": "Neural tangent kernel",
     "active_subspace": "Active subspace",
+    "active_subspace_prior": "Active subspace over a parameter prior",
     "landscape": "Loss landscape",
     "architecture": "Architecture",
 }
@@ -93,6 +94,9 @@ _NOTES = {
            "Jacobian rows, one row per sample and output.",
     "active_subspace": "Eigenvalues of the uncentered covariance of per-sample loss gradients and how the "
                        "dominant directions split over the layers.",
+    "active_subspace_prior": "Eigenvalues of E[∇L(θ)∇L(θ)ᵀ] over parameter draws θ from a prior (the loss on the "
+                             "active-subspace data subset), where the top directions live, and how the estimate "
+                             "moves as the number of draws grows (against the estimate from all draws).",
     "landscape": "The loss along the top Hessian eigenvectors and on the plane spanned by the top two.",
     "architecture": "The network drawn as vectors (strips) and matrices (blocks), and its layers.",
 }
@@ -270,6 +274,32 @@ def _active_subspace(s: dict, summary: dict) -> str:
             + _figure(summary, "active_subspace_eigenvectors") + "</div></div>")
 
 
+def _active_subspace_prior(s: dict, summary: dict) -> str:
+    pairs = [("prior", s["prior_description"]), ("parameter draws N", s["num_draws"]),
+             ("data samples in the loss", s["num_data"]), ("parameters", s["num_params"]),
+             ("draws per parameter", s["draws_per_param"]), ("eigenpairs", s["k"]), ("algorithm", s["algorithm"]),
+             ("converged", s["converged"])]
+    rows = [[fmt(d), fmt(v)] for d, v in zip(s["directions"], s["eigenvalues"])]
+    m = s["layer_mass"]
+    mrows = [[html.escape(n), fmt(c), fmt(a), fmt(b)] for n, c, a, b in
+             zip(m["names"], m["numels"], m["share"], m["share_per_size"])]
+    c = s["convergence"]
+    crows = [[fmt(n), fmt(a), fmt(b), fmt(e1), fmt(em)] for n, a, b, e1, em in
+             zip(c["sample_sizes"], c["distance_top1"], c["distance_topk"], c["eigenvalue_error_top1"],
+                 c["eigenvalue_error_max"])]
+    return (_kv(pairs) + '<div class="flex"><div><h3>Leading eigenvalues</h3>'
+            + _table(["direction", "eigenvalue"], rows, {1}) + "</div><div>"
+            + _figure(summary, "active_subspace_prior_decay") + "</div></div>"
+            + f"<h3>Mass of the top {fmt(s['k'])} directions per tensor</h3>"
+            + _table(["tensor", "entries", "share", "share / size share"], mrows, {1, 2, 3})
+            + _figure(summary, "active_subspace_prior_layers")
+            + f"<h3>Convergence in the number of draws (against {fmt(c['reference'])})</h3>"
+            + _table(["draws", "distance, top 1", f"distance, top {fmt(s['k'])}", "λ₁ rel. error",
+                      "max rel. error"], crows, {0, 1, 2, 3, 4})
+            + '<p class="note">Distance: the sine of the largest principal angle between the subspaces. '
+              "Distances near 1 mean the draws do not yet determine those directions.</p>")
+
+
 def _landscape(s: dict, summary: dict) -> str:
     rows = [[fmt(c["label"]), fmt(c["eigenvalue"]), fmt(c["curvature_from_curve"]), fmt(c["loss_min"]),
              fmt(c["loss_max"])] for c in s["curves"]]
@@ -311,6 +341,7 @@ _RENDER: dict[str, Callable[[dict, dict], str]] = {
     "overview": _overview, "eigenvalues": _eigenvalues, "hessian_matrix": _hessian_matrix, "density": _density,
     "trace": _trace, "condition": _condition, "rank": _rank, "stationary": _stationary, "ntk": _ntk,
     "landscape": _landscape, "architecture": _architecture, "active_subspace": _active_subspace,
+    "active_subspace_prior": _active_subspace_prior,
 }
 
 

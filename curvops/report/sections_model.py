@@ -9,6 +9,7 @@ import math
 import torch
 
 from .context import Context, Pending, Skipped
+from .sections_prior import SECTIONS as _PRIOR_SECTIONS
 from .summary import floats
 
 
@@ -199,6 +200,7 @@ def _figure_ntk(ctx, out):
                                                         title="NTK eigenvalues"))
 
 
-#: section name → function(ctx) -> dict, for the sections of this module
+#: section name → function(ctx) -> dict, for the sections of this module (and the optional prior
+#: active-subspace section of :mod:`.sections_prior`, off unless ``ctx.options`` asks for it)
 SECTIONS = {"overview": _overview, "ntk": _ntk, "active_subspace": _active_subspace, "landscape": _landscape,
-            "architecture": _architecture}
+            "architecture": _architecture, **_PRIOR_SECTIONS}

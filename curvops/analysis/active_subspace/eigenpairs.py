@@ -1,5 +1,6 @@
 r"""Eigenpairs of the active-subspace matrix C from a factor F (FᵀF = C): thin SVD of F, eigh of C,
-eigh of the sample Gram matrix FFᵀ, or the block Krylov SVD of F."""
+eigh of the sample Gram matrix FFᵀ, the block Krylov SVD of F, or block Krylov on C formed densely
+(``gram-krylov``: one pass, P² memory; eigenvalues to about ε·λ₁ absolutely)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,12 @@ def _decompose(factor, algorithm: str, k: int | None, *, tol: float, generator, 
         Q, R = torch.linalg.qr(W)  # re-orthonormalize; keeps the leading (accurate) directions
         Q = Q * torch.sign(R.diagonal()).masked_fill(R.diagonal() == 0, 1)[None]
         return _Decomp(lam, _fix_signs(_complete(Q, kk, generator)))
+    if algorithm == "gram-krylov":  # C formed (one pass); the top-k of the symmetric PSD C by block Krylov
+        C = factor.covariance()
+        P_ = C.shape[0]
+        out = _block_krylov_svd(C.__matmul__, C.__matmul__, P_, P_, k, tol=tol, dtype=C.dtype, device=C.device,
+                                generator=generator, v0=v0)
+        return _Decomp(out.S, _fix_signs(out.V), out.residuals, out.iterations, out.converged)
     if algorithm == "krylov":
         if N >= P:  # Krylov on the parameter side: A = F
             out = _block_krylov_svd(factor.matmat, factor.rmatmat, N, P, k, tol=tol, dtype=factor.dtype,

@@ -34,6 +34,7 @@ class _Plan:
             ("stored", "eigh"): "eigh of C = FᵀF (G in memory)",
             ("stored", "gram"): "eigh of the sample Gram matrix FFᵀ (G in memory)",
             ("streamed", "eigh"): "eigh of C accumulated chunk by chunk (G not kept)",
+            ("streamed", "gram-krylov"): "block Krylov on C accumulated chunk by chunk (G not kept)",
             ("matfree", "krylov"): "block Krylov SVD of the matrix-free factor F",
             ("matfree", "operator-eigh"): "eigh of C formed from GradientCovariance products",
         }[(self.path, self.algorithm)]
@@ -44,8 +45,15 @@ def _krylov_basis(k: int, n: int) -> int:
     return min(n, max(4 * b, k + 2 * b))
 
 
-def _candidates(k: int | None, N: int, P: int, item: int, chunk: int, bootstrap: int, vectors: bool):
-    """Plans in order of preference, with their memory estimates (bytes)."""
+def _candidates(k: int | None, N: int, P: int, item: int, chunk: int, bootstrap: int, vectors: bool,
+                gram_topk: bool = False):
+    """Plans in order of preference, with their memory estimates (bytes).
+
+    ``gram_topk``: the top-k may also come from C accumulated chunk by chunk (one pass, memory P²
+    instead of N·P; eigenvalues accurate to about ε·λ₁ absolutely, so only for spectra whose top-k
+    stay within a few decades of λ₁ — the prior estimator's), after keeping G: forming C costs about
+    N·P² flops against the Krylov SVD's few hundred products with G (measured 3.5× slower at the seed's
+    size, docs/active-subspace-prior.md)."""
     r, big = min(N, P), max(N, P)
     chunk = min(chunk, N)
     G = N * P * item
@@ -68,12 +76,15 @@ def _candidates(k: int | None, N: int, P: int, item: int, chunk: int, bootstrap:
         if r <= DENSE_TOPK_MAX:
             snap.append(_Plan("stored", "svd", G + grads + (N * P + N * r + r * P + 2 * r * r) * item))
         snap.append(_Plan("stored", "krylov", G + grads + work))
+        if gram_topk:  # when G does not fit: one pass, memory P² + chunks
+            snap.append(_Plan("streamed", "gram-krylov", grads + (P * P + 3 * P * _krylov_basis(k, P)) * item))
         oper.append(_Plan("matfree", "krylov", work))
     return snap, oper
 
 
-def _choose(method: str, budget: int, k, N, P, item, chunk, bootstrap, vectors, api: str) -> _Plan:
-    snap, oper = _candidates(k, N, P, item, chunk, bootstrap, vectors)
+def _choose(method: str, budget: int, k, N, P, item, chunk, bootstrap, vectors, api: str,
+            gram_topk: bool = False) -> _Plan:
+    snap, oper = _candidates(k, N, P, item, chunk, bootstrap, vectors, gram_topk)
     pool = {"auto": snap + oper, "snapshot": snap, "operator": oper}[method]
     for plan in pool:
         if plan.memory <= budget:

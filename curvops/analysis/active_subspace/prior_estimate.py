@@ -113,21 +113,28 @@ def _prior_active_subspace(model_or_objective, loss, data, *, prior, num_samples
     item = torch.empty((), dtype=A.torch_dtype).element_size()
     chunk = default_chunk_size(P) if chunk_size is None else chunk_size
     vectors = bool(return_eigenvectors) or bootstrap > 0
-    plan = _choose(method, int(memory_budget), k, N, P, item, chunk, bootstrap, vectors, api)
+    plan = _choose(method, int(memory_budget), k, N, P, item, chunk, bootstrap, vectors, api, gram_topk=True)
 
     timings: dict[str, float] = {}
-    start = time.perf_counter()
-    if plan.path == "stored":
-        factor = _DenseRows(A.gradients(), torch.ones(N, dtype=A.torch_dtype, device=A.device), False)
-        factor.num_passes = 1
-    else:
-        factor = _PriorPasses(A)
-    timings["gradients"] = time.perf_counter() - start
+    factor = _prior_factor(plan, A, timings)
     return _decompose_and_summarize(
         factor, plan, k, streamed=isinstance(factor, _PriorPasses), tol=tol, generator=gen, vectors=vectors,
         return_eigenvectors=return_eigenvectors, bootstrap=bootstrap, confidence=confidence, timings=timings,
         total_start=total_start, layout=A.objective.layout, method=plan.method,
         algorithm=f"{_describe(plan)}; prior {spec.description}", num_samples=N, total_weight=float(N), num_params=P)
+
+
+def _prior_factor(plan, A: PriorGradientCovariance, timings: dict):
+    """F = G/√N over the draws: G computed once and kept (``stored``), or recomputed chunk by chunk on
+    every pass (``streamed``, ``matfree``); the seconds go to ``timings["gradients"]``."""
+    start = time.perf_counter()
+    if plan.path == "stored":
+        factor = _DenseRows(A.gradients(), torch.ones(A.num_samples, dtype=A.torch_dtype, device=A.device), False)
+        factor.num_passes = 1
+    else:
+        factor = _PriorPasses(A)
+    timings["gradients"] = time.perf_counter() - start
+    return factor
 
 
 def _describe(plan) -> str:
