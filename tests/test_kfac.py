@@ -525,6 +525,7 @@ def _dist_data():
 _DIST_CASES = [("kfac", curvops.KFAC, "type-2"), ("ekfac_ef", curvops.EKFAC, "empirical")]
 
 
+@pytest.mark.slow  # two spawned processes: ~10 s of CPU, mostly imports
 def test_distributed_factors_equal_one_process_on_every_rank(tmp_path):
     import socket
 
@@ -550,6 +551,7 @@ def test_distributed_factors_equal_one_process_on_every_rank(tmp_path):
             assert rel(res[name], ref) < 1e-12, name
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 @pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=(2, 3), stride=(2, 1), padding=(1, 0)),
                                 dict(kernel_size=3, dilation=2, padding="same"), dict(kernel_size=(3, 2), padding="same"),
                                 dict(kernel_size=2, padding="valid", stride=2)])

@@ -200,29 +200,36 @@ class KFAC(_Kronecker):
 
     # ---- factors ---------------------------------------------------------------------
     def refresh(self) -> None:
-        """Recompute the factors now (one pass over the data), e.g. after the data changed."""
+        """Recompute the factors now (one pass over the data; EKFAC: two), e.g. after the data changed."""
         obj = self.objective
         with obj.session():
             stamp = obj.state_stamp()
-        self._factors = kfac_factors(self)
-        self._stamp, self._eig = stamp, None
+        self._factors = self._stamp = self._eig = None  # nothing stale survives a failed pass
+        factors = kfac_factors(self)
+        self._factors = factors
+        try:
+            self._after_refresh()
+        except BaseException:
+            self._factors = self._eig = None
+            raise
+        self._stamp = stamp
         self.generation += 1
-        self._after_refresh()
 
     def _after_refresh(self) -> None:
         pass
 
     def _current(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The factors, recomputed first if the model changed (every public entry point calls this once;
+        the helpers below read the cached state without checking again)."""
         if self._factors is None or not self.objective.state_matches(self._stamp):
             self.refresh()
         return self._factors
 
     def _eigen(self) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
         """(λ_A, Q_A, λ_B, Q_B) per layer (eigenvalues clamped at 0: the factors are PSD)."""
-        As, Bs = self._current()
         if self._eig is None:
             eig = []
-            for A, B in zip(As, Bs):
+            for A, B in zip(*self._factors):
                 la, QA = torch.linalg.eigh(A)
                 lb, QB = torch.linalg.eigh(B)
                 eig.append((la.clamp(min=0), QA, lb.clamp(min=0), QB))
@@ -258,7 +265,7 @@ class KFAC(_Kronecker):
 
     # ---- products and functions of the matrix ----------------------------------------------
     def _block(self, i: int, X: Tensor) -> Tensor:
-        As, Bs = self._current()
+        As, Bs = self._factors
         return torch.einsum("ij,jkv,kl->ilv", Bs[i], X, As[i])
 
     def _matmat_torch(self, V: Tensor) -> Tensor:
@@ -275,6 +282,7 @@ class KFAC(_Kronecker):
         """``log det(K + δI)`` from the factors' eigenvalues (``-inf`` when singular; skipped parameters
         count as zero eigenvalues).  **Cost**: one eigendecomposition per factor."""
         damping = self._check_damping(damping, "logdet", allow_zero=True)
+        self._current()
         return torch.log(self._all_eigenvalues(damping)).sum()
 
     def det(self, damping: float = 0.0) -> Tensor:
@@ -352,7 +360,7 @@ class _KroneckerInverse(_Kronecker):
         return self._pi_cache[1]
 
     def _matmat_torch(self, V: Tensor) -> Tensor:
-        self.op._current()
+        self.op._current()  # the factors of the model as it is now (recomputed if it changed)
         return super()._matmat_torch(V)
 
     def _block(self, i: int, X: Tensor) -> Tensor:
