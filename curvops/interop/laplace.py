@@ -52,9 +52,11 @@ try:
     from laplace.utils import Kron
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "curvops.interop.laplace needs laplace-torch 0.3: pip install 'curvops[laplace]' (on a CPU-only torch: "
-        "pip install --no-deps laplace-torch==0.3 asdfghjkl==0.1a4 backpack-for-pytorch unfoldNd torchmetrics "
-        "lightning-utilities curvlinops-for-pytorch einops einconv opt-einsum; see docs/guide/laplace.md)."
+        "curvops.interop.laplace needs laplace-torch 0.3: pip install 'curvops[laplace]', or on a CPU-only torch "
+        "(the registry's requirements pull torchvision and a CUDA torch): pip install --no-deps laplace-torch==0.3 "
+        "asdfghjkl==0.1a4 backpack-for-pytorch==1.7.1 unfoldNd==0.2.3 torchmetrics==1.9.0 lightning-utilities==0.15.3 "
+        "curvlinops-for-pytorch==3.0.1 einops einconv opt-einsum, then pip uninstall -y torchvision "
+        "(docs/guide/laplace.md)."
     ) from err
 
 from ..linalg import diagonal
