@@ -613,3 +613,21 @@ def test_gpt2_attention_and_mlp_projections():
     torch.testing.assert_close(E.trace(), torch.trace(EF), rtol=1e-10, atol=0)
     Ks = curvops.KFAC(model, "causal_lm", batch, skip_unsupported=True)
     assert "transformer.wte.weight" in Ks.skipped[0] and len(Ks.blocks) == 4
+
+
+@pytest.mark.parametrize("arch,approx", [("mlp", "expand"), ("mlp", "reduce"), ("conv", "expand")])
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+def test_ekfac_matches_curvlinops(arch, approx, fisher_type):
+    """curvlinops' EKFACLinearOperator: the same matrix.  (Conv layers with "reduce" differ: curvlinops
+    corrects with the reduced gradients ĝ âᵀ, curvops with the exact per-sample Σ_t g_t ā_tᵀ, which is
+    what makes the eigenvalues the best diagonal for the exact block.)"""
+    cl = _needs_curvlinops()
+    model = mlp() if arch == "mlp" else convnet()
+    X, y = data(arch, "cross_entropy")
+    loss = nn.CrossEntropyLoss()
+    P = sum(p.numel() for p in model.parameters())
+    A = cl.EKFACLinearOperator(model, loss, list(model.parameters()), [(X[:4], y[:4]), (X[4:], y[4:])],
+                               fisher_type=fisher_type, kfac_approx=approx, separate_weight_and_bias=False,
+                               check_deterministic=False) @ torch.eye(P, dtype=DT)
+    B = curvops.EKFAC(model, loss, (X, y), batch_size=3, fisher_type=fisher_type, kfac_approx=approx).to_dense()
+    assert rel(B, A) < 1e-10
