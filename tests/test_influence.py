@@ -113,6 +113,20 @@ def test_scores_match_the_dense_oracle(curv, loss_name):
     torch.testing.assert_close(w @ G, curvops.Objective(model, loss_fn, (X, y)).gradient(), rtol=1e-12, atol=1e-14)
 
 
+def test_query_chunks_give_the_same_scores():
+    model = _mlp()
+    X, y = _data("cross_entropy", N, 1)
+    Xq, yq = _data("cross_entropy", 7, 2)
+    kw = dict(damping=0.05, rtol=1e-13, batch_size=4)
+    whole = influence(model, "cross_entropy", (X, y), (Xq, yq), **kw)
+    parts = influence(model, "cross_entropy", (X, y), (Xq, yq), query_chunk_size=3, chunk_size=5, **kw)
+    assert len(whole.solves) == 1 and whole.solve is whole.solves[0]
+    assert len(parts.solves) == 3 and parts.solve is None and parts.converged  # queries 3 + 3 + 1
+    _close(parts.scores, whole.scores, 1e-11)
+    with pytest.raises(ValueError, match="query_chunk_size >= 1"):
+        influence(model, "cross_entropy", (X, y), (Xq, yq), query_chunk_size=0)
+
+
 def test_default_curvature_is_the_ggn_and_self_influence_is_the_diagonal():
     loss_fn = nn.CrossEntropyLoss()
     model = _mlp()
@@ -294,6 +308,7 @@ def test_model_left_as_found_also_after_a_failure():
     model[2].bias.requires_grad_(False)
     before = _state(model)
     influence(model, "cross_entropy", (X, y), (X[:2], y[:2]), damping=0.1)
+    influence(model, "cross_entropy", (X, y), (X[:2], y[:2]), damping=0.1, query_chunk_size=1)
     self_influence(model, "cross_entropy", (X, y), damping=0.1)
     _same(before, _state(model))
     with pytest.raises(ConvergenceError, match="influence: the cg solve did not converge"):

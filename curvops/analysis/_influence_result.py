@@ -37,8 +37,10 @@ class InfluenceResult:
             ignored or weighted targets, 1 for a sum): removing sample i is ``ε = −w_i``.
         solver: ``"inverse"`` (the operator's own damped inverse), ``"cg"`` or ``"minres"``.
         damping: δ.
-        solve: the :class:`~curvops.linalg.SolveResult` of the block solve (None for ``"inverse"``):
-            ``converged``, ``iterations``, ``num_matvecs``, ``residual_norm`` per query column.
+        solve: the :class:`~curvops.linalg.SolveResult` of the block solve (None for ``"inverse"``, and
+            with several query chunks): ``converged``, ``iterations``, ``num_matvecs``,
+            ``residual_norm`` per query column.
+        solves: the solve of every query chunk (empty for ``"inverse"``).
         curvature: a short description of the curvature operator.
         chunk_size: training samples per chunk of per-sample gradients.
         timings: seconds spent on ``"query_gradients"``, ``"solve"``, ``"train_gradients"``.
@@ -49,6 +51,7 @@ class InfluenceResult:
     solver: str
     damping: float
     solve: Any = None
+    solves: list = field(default_factory=list)
     curvature: str = ""
     chunk_size: int | None = None
     timings: dict = field(default_factory=dict)
@@ -63,8 +66,9 @@ class InfluenceResult:
 
     @property
     def converged(self) -> bool:
-        """Whether the solve converged (always True for the operator's own inverse)."""
-        return True if self.solve is None else bool(self.solve.converged)
+        """Whether every solve converged (always True for the operator's own inverse)."""
+        solves = self.solves or ([] if self.solve is None else [self.solve])
+        return all(bool(s.converged) for s in solves)
 
     def total(self) -> Tensor:
         """``[N_train]``: the influence on the sum of the query losses (row sums of ``scores``)."""

@@ -78,7 +78,8 @@ def _describe(C) -> str:
 
 def influence(model, loss=None, train_data=None, query_data=None, *, curvature=None, damping: float = 0.0,
               solver: str = "auto", rtol: float = 1e-8, atol: float = 0.0, max_iters: int | None = None,
-              chunk_size: int | None = None, strict: bool = False, **objective_kwargs) -> InfluenceResult:
+              chunk_size: int | None = None, query_chunk_size: int | None = None, strict: bool = False,
+              **objective_kwargs) -> InfluenceResult:
     r"""Influence of every training sample on the loss of every query sample.
 
     .. math:: \mathcal{I}_{ij} = -\nabla\ell(z^{q}_j)^\top (C + \delta I)^{-1} \nabla\ell(z_i)
@@ -89,12 +90,14 @@ def influence(model, loss=None, train_data=None, query_data=None, *, curvature=N
     Sign, normalization and the per-sample losses are those of the module docstring and
     :class:`InfluenceResult`.
 
-    **Cost**: one pass for the query gradients (``vmap(grad)``, memory ``N_query · P``); the solve:
+    **Cost**: one pass for the query gradients (``vmap(grad)``, memory ``N_query · P``, or
+    ``query_chunk_size · P`` with query chunks); the solve:
     with ``solver="inverse"`` one product with the operator's own damped inverse, with ``"cg"`` or
     ``"minres"`` one block solve whose iterations each cost one product of ``C`` with the
     ``N_query`` columns still iterating (one data pass); one pass for the training gradients in
     chunks of ``chunk_size`` samples (memory ``chunk · P``, never ``N_train · P``); two passes that
-    read only the targets (the per-sample weights).  The model is left as found.
+    read only the targets (the per-sample weights).  With ``query_chunk_size`` the solve and the
+    training pass run once per chunk of queries.  The model is left as found.
 
     Args:
         model: an ``nn.Module`` or a function ``f(params, x)`` (with ``params=``), at the trained
@@ -114,6 +117,9 @@ def influence(model, loss=None, train_data=None, query_data=None, *, curvature=N
         rtol, atol, max_iters: tolerances of the iterative solve (see :func:`~curvops.solve`).
         chunk_size: training (and query) samples per ``vmap(grad)`` chunk (default: about 4M
             gradient entries).
+        query_chunk_size: None (all query gradients at once: one solve, one training pass), or the
+            number of queries per solve, bounding the memory of the query gradients and solutions
+            at ``2 · query_chunk_size · P`` (one training pass per chunk).
         strict: raise :class:`~curvops.linalg.ConvergenceError` when the solve does not converge
             (otherwise a :class:`~curvops.linalg.ConvergenceWarning` and ``result.converged`` False).
         **objective_kwargs: passed to both :class:`~curvops.Objective`\ s (``params=``,
@@ -143,41 +149,60 @@ def influence(model, loss=None, train_data=None, query_data=None, *, curvature=N
     """
     api = "influence"
     damping, rtol, atol, max_iters, chunk_size = _settings(damping, rtol, atol, max_iters, chunk_size, strict, api)
+    query_chunk_size = check_optional_int(query_chunk_size, "query_chunk_size", api, minimum=1,
+                                          expected="query_chunk_size >= 1")
     train = _objective(model, loss, train_data, objective_kwargs, "train_data", api)
     query = _objective(model, loss, query_data, objective_kwargs, "query_data", api)
     C = GGN(train) if curvature is None else check_curvature(curvature, train, api)
     method = resolve_solver(C, solver, api)
     inv = damped_inverse(C, method, damping, api)
-    P, timings = train.num_params, {}
-
-    t0 = time.perf_counter()
-    w_query = loss_weights(query)
+    P = train.num_params
+    timings = {"query_gradients": 0.0, "solve": 0.0, "train_gradients": 0.0}
+    w_query, w_train = loss_weights(query), loss_weights(train)
     kept_query = w_query > 0 if query.reduction == "mean" else torch.ones_like(w_query, dtype=torch.bool)
-    Q = torch.zeros(w_query.shape[0], P, dtype=train.dtype, device=train.device)  # [M, P]
-
-    def put(rows: Tensor, G: Tensor) -> None:
-        Q[rows.to(Q.device)] = G
-
-    stream_gradients(query, kept_query, put, chunk_size)
-    timings["query_gradients"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    X, result = inverse_apply(C, inv, Q.T.contiguous(), solver=method, damping=damping, rtol=rtol, atol=atol,
-                              max_iters=max_iters, strict=strict, api=api)  # [P, M]
-    timings["solve"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    w_train = loss_weights(train)
     kept_train = w_train > 0 if train.reduction == "mean" else torch.ones_like(w_train, dtype=torch.bool)
-    scores = torch.zeros(w_train.shape[0], Q.shape[0], dtype=train.dtype, device=train.device)
+    scores = torch.zeros(w_train.shape[0], w_query.shape[0], dtype=train.dtype, device=train.device)
+    solves: list = []
 
-    def score(rows: Tensor, G: Tensor) -> None:
-        scores[rows.to(scores.device)] = -(G @ X)
+    def explain(cols: Tensor, Q: Tensor) -> None:
+        """The scores of the queries ``cols`` (gradients ``Q [c, P]``): one solve, one training pass."""
+        t0 = time.perf_counter()
+        X, result = inverse_apply(C, inv, Q.T.contiguous(), solver=method, damping=damping, rtol=rtol, atol=atol,
+                                  max_iters=max_iters, strict=strict, api=api)  # [P, c]
+        timings["solve"] += time.perf_counter() - t0
+        if result is not None:
+            solves.append(result)
+        t0 = time.perf_counter()
+        cols = cols.to(scores.device)
 
-    stream_gradients(train, kept_train, score, chunk_size)
-    timings["train_gradients"] = time.perf_counter() - t0
-    return InfluenceResult(scores=scores, loss_weights=w_train, solver=method, damping=damping, solve=result,
-                           curvature=_describe(C), chunk_size=chunk_size, timings=timings)
+        def score(rows: Tensor, G: Tensor) -> None:
+            scores[rows.to(scores.device)[:, None], cols[None, :]] = -(G @ X)
+
+        stream_gradients(train, kept_train, score, chunk_size)
+        timings["train_gradients"] += time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if query_chunk_size is None:
+        Q = torch.zeros(w_query.shape[0], P, dtype=train.dtype, device=train.device)  # [M, P]
+
+        def put(rows: Tensor, G: Tensor) -> None:
+            Q[rows.to(Q.device)] = G
+
+        stream_gradients(query, kept_query, put, chunk_size)
+        timings["query_gradients"] = time.perf_counter() - t0
+        explain(torch.arange(Q.shape[0]), Q)
+    else:
+        def chunk(rows: Tensor, G: Tensor) -> None:  # the query pass runs a solve and a training pass per chunk
+            timings["query_gradients"] += time.perf_counter() - mark[0]
+            explain(rows, G)
+            mark[0] = time.perf_counter()
+
+        mark = [t0]
+        stream_gradients(query, kept_query, chunk, query_chunk_size)
+        timings["query_gradients"] += time.perf_counter() - mark[0]
+    return InfluenceResult(scores=scores, loss_weights=w_train, solver=method, damping=damping,
+                           solve=solves[0] if len(solves) == 1 else None, solves=solves, curvature=_describe(C),
+                           chunk_size=chunk_size, timings=timings)
 
 
 def self_influence(model, loss=None, train_data=None, *, curvature=None, damping: float = 0.0,
