@@ -397,9 +397,8 @@ class EKFAC(KFAC):
     changes.  Products, inverses, ``logdet`` and ``trace`` use the eigendecomposition.
     **Tags**: symmetric, psd.
 
-    Args:
-        model_or_objective, loss, data, fisher_type, kfac_approx, mc_samples, generator, layers,
-            skip_unsupported, max_columns, **objective_kwargs: as for :class:`KFAC`.
+    The arguments are those of :class:`KFAC` (``fisher_type``, ``kfac_approx``, ``mc_samples``,
+    ``generator``, ``layers``, ``skip_unsupported``, ``max_columns``, objective keywords).
 
     Example:
         >>> import torch, curvops
