@@ -631,3 +631,58 @@ def test_ekfac_matches_curvlinops(arch, approx, fisher_type):
                                check_deterministic=False) @ torch.eye(P, dtype=DT)
     B = curvops.EKFAC(model, loss, (X, y), batch_size=3, fisher_type=fisher_type, kfac_approx=approx).to_dense()
     assert rel(B, A) < 1e-10
+
+
+@pytest.mark.parametrize("which", ["kfac", "ekfac", "kfac_inverse", "ekfac_inverse", "pi_inverse"])
+def test_operator_contract(which):
+    """Products (torch, numpy, dicts, lists), adjoint, tags, scipy eigsh and the context matrix, against a
+    dense reference built from the factors (torch.kron) or by inverting it."""
+    model = convnet()
+    X, y = data("conv", "cross_entropy")
+    cls = curvops.EKFAC if which.startswith("ekfac") else curvops.KFAC
+    K = cls(model, "cross_entropy", (X, y), batch_size=4)
+    P = K.shape[0]
+    dense = torch.zeros(P, P, dtype=DT)
+    if cls is curvops.KFAC:
+        for r in K.kron_factors():
+            idx = theta_index(model, r)
+            dense[idx[:, None], idx[None, :]] = torch.kron(r.B, r.A)
+    else:
+        for r, lam in zip(K.kron_factors(), K.eigenvalues()):
+            idx = theta_index(model, r)
+            Q = torch.kron(torch.linalg.eigh(r.B)[1], torch.linalg.eigh(r.A)[1])
+            dense[idx[:, None], idx[None, :]] = Q @ torch.diag(lam.reshape(-1)) @ Q.T
+    A = K
+    if which.endswith("inverse"):
+        A = K.inverse(0.05, pi_damping=which == "pi_inverse")
+        if which == "pi_inverse":  # the π-damped inverse from the factors, block by block
+            dense = torch.zeros(P, P, dtype=DT)
+            for r in K.kron_factors():
+                idx = theta_index(model, r)
+                pi = ((torch.trace(r.A) / r.A.shape[0]) / (torch.trace(r.B) / r.B.shape[0])).sqrt()
+                Ad = torch.linalg.inv(r.A + pi * 0.05**0.5 * torch.eye(r.A.shape[0], dtype=DT))
+                Bd = torch.linalg.inv(r.B + 0.05**0.5 / pi * torch.eye(r.B.shape[0], dtype=DT))
+                dense[idx[:, None], idx[None, :]] = torch.kron(Bd, Ad)
+        else:
+            dense = torch.linalg.inv(dense + 0.05 * torch.eye(P, dtype=DT))
+    contract.check_products(A, dense)
+    named = dict(model.named_parameters())
+    slices, s = {}, 0
+    for n, p in named.items():
+        slices[n] = slice(s, s + p.numel())
+        s += p.numel()
+    contract.check_dict_products(A, dense, slices, {n: p.shape for n, p in named.items()})
+    contract.check_adjoint(A)
+    contract.check_tags(A)
+    contract.check_dense_tags(A, dense)
+    contract.check_eigsh(A, dense)
+    v = contract.probes(P, 1)[:, 0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        contract.assert_matches(A @ v, dense @ v, what="under no_grad + autocast")
+    with torch.inference_mode():
+        contract.assert_matches(A @ v, dense @ v, what="under inference_mode")
+    if which == "ekfac":  # the factor passes themselves under the caller's contexts
+        for ctx in (torch.inference_mode, lambda: torch.autocast("cpu", dtype=torch.bfloat16)):
+            with ctx():
+                fresh = cls(model, "cross_entropy", (X, y), batch_size=4) @ v
+            contract.assert_matches(fresh, dense @ v, what="factors computed under a context")
