@@ -9,7 +9,7 @@ the loss and every derivative of the product:
   K columns (vmapped).  Forward-over-reverse (``jvp(grad)``) is not used: in torch 2.13 it is
   wrong through LayerNorm;
 * ``"ggn"``: ``J_bᵀ H_ℓ J_b V``: ``jvp`` of the forward for ``J V`` (vmapped over the columns),
-  the loss Hessian in output space by ``jvp(grad)`` of the loss (exact for every loss), and the
+  the loss Hessian in output space by ``vjp(grad)`` of the loss (exact for every loss), and the
   forward's pullback for ``Jᵀ``.
 
 ``ℓ_b`` is the user's loss on batch ``b`` exactly as :meth:`Objective.forward` and the loss
@@ -50,6 +50,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ._modes import usable
+
 _MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _KEYS = ("mode", "backend", "fullgraph", "dynamic", "options")
 KINDS = ("gradient", "hessian", "ggn")
@@ -58,7 +60,9 @@ KINDS = ("gradient", "hessian", "ggn")
 def compile_options(value) -> dict | None:
     """``compile=`` of an Objective → keyword arguments of ``torch.compile`` (None: eager).
 
-    ``False``/``None``: eager; ``True``: ``torch.compile`` defaults with ``fullgraph=True``; a mode
+    ``False``/``None``: eager; ``True``: ``torch.compile`` defaults with ``fullgraph=True`` and
+    ``dynamic=False`` (one static graph per shape: the dynamic-shape recompilation of a product's
+    graph failed in torch 2.13 when the number of columns changed, e.g. 1 → 16); a mode
     name (``"reduce-overhead"``: CUDA graphs, for small models on a GPU); or a dict of
     ``torch.compile`` keywords (``mode``, ``backend``, ``fullgraph``, ``dynamic``, ``options``).
     """
@@ -80,7 +84,7 @@ def compile_options(value) -> dict | None:
     mode = opts.get("mode")
     if mode is not None and mode not in _MODES:
         raise ValueError(f"Objective: compile mode {mode!r} is not one of {list(_MODES)}.")
-    return {"fullgraph": True, **opts}
+    return {"fullgraph": True, "dynamic": False, **opts}
 
 
 def _fresh(fn: Callable) -> Callable:
@@ -117,11 +121,16 @@ def _kernels(obj) -> dict[str, Callable]:
         def f(th):
             return forward(th, rest, x)
 
-        out, pull = vjp(f, theta)
-        JV = vmap(lambda *v: jvp(f, (theta,), (v,))[1])(*Vs)
-        dloss = grad(lambda o: loss_fn(o, y).reshape(()))
-        MJV = vmap(lambda t: jvp(dloss, (out,), (t,))[1])(JV)
-        return vmap(lambda u: pull(u)[0])(MJV)
+        def column(*v):
+            out, jv = jvp(f, (theta,), (v,))
+            # H_ℓ (J v) reverse-over-reverse (jvp(grad(mse_loss)) fails on torch 2.13: "ZeroTensors are
+            # immutable"; under torch.compile it crashed)
+            mjv = vjp(grad(lambda o: loss_fn(o, y).reshape(())), out)[1](jv)[0]
+            return vjp(f, theta)[1](mjv)[0]
+
+        if Vs[0].shape[0] == 1:  # one column without vmap (inductor crashed on a vmap of one)
+            return tuple(r[None] for r in column(*(v[0] for v in Vs)))
+        return vmap(column)(*Vs)
 
     return {"gradient": gradient, "hessian": hessian, "ggn": ggn}
 
@@ -216,6 +225,7 @@ class CompiledPasses:
         if kind not in ("hessian", "ggn"):
             raise ValueError(f"CompiledPasses.matmat: kind must be 'hessian' or 'ggn', got {kind!r}.")
         obj = self.objective
+        V = usable(V)  # an inference tensor of the caller: a normal copy (else a recompilation)
         P, K = V.shape
         layout = obj.layout
 
