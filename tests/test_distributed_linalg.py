@@ -49,6 +49,10 @@ def _results(obj: curvops.Objective, model, data, **kw) -> dict:
     out.update(nystrom_S=ny.S, nystrom_low_rank=ny.U @ torch.diag(ny.S) @ ny.U.T)
     out["minres"] = curvops.solve(H, b, method="minres", damping=0.5, rtol=1e-12).x
     out["lsmr"] = curvops.solve(H, b, method="lsmr", damping=0.1, rtol=1e-12).x
+    d = torch.randn(P, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    line = curvops.loss_along(obj, direction=d, steps=torch.linspace(-1, 1, 5, dtype=torch.float64),
+                              metrics={"accuracy": lambda o, t: (o.argmax(1) == t).double().mean()})
+    out.update(landscape_loss=line.values["loss"], landscape_accuracy=line.values["accuracy"])
     prior = PriorGradientCovariance(model, "cross_entropy", data, prior="standard_normal", num_samples=6, **kw)
     out["prior_product"] = prior @ V
     res = active_subspace(model, "cross_entropy", data, prior="standard_normal", num_samples=6, bootstrap=3,
@@ -115,7 +119,8 @@ def reference():
 
 
 NAMES = ["density", "density_nodes", "density_weights", "logdet", "diag_xdiag", "diag_hutchinson", "rsvd_S",
-         "rsvd_low_rank", "nystrom_S", "nystrom_low_rank", "minres", "lsmr", "prior_product", "prior_eigenvalues",
+         "rsvd_low_rank", "nystrom_S", "nystrom_low_rank", "minres", "lsmr", "prior_product", "prior_eigenvalues", "landscape_loss",
+         "landscape_accuracy",
          "prior_lower", "prior_upper"]
 
 

@@ -193,6 +193,28 @@ def test_batched_line_equals_hand_loop_with_metric(chunk_size):
     assert res.base["accuracy"] == pytest.approx(float(base[1]), rel=1e-13)
 
 
+@pytest.mark.parametrize("batch", ["vmap", "loop"])
+def test_line_with_ignored_targets_and_class_weights_is_torchs_whole_data_loss(batch):
+    """The loss column follows torch's loss over the concatenated data (ignore_index, class weights):
+    batches are weighted by their own denominators, a batch whose targets are all ignored counts 0;
+    the metric column stays a sample mean.  Oracle: torch's loss at θ + t·d on a perturbed copy."""
+    model, X, y = mlp()
+    y = y.clone()
+    y[:13] = -100  # the whole first batch is ignored
+    y[20::3] = -100
+    weight = torch.linspace(0.5, 2.0, int(y.max()) + 1, dtype=DT)
+    loss = nn.CrossEntropyLoss(weight=weight)
+    d = torch.randn(flat(model).numel(), generator=gen(7), dtype=DT)
+    t = torch.linspace(-1, 1, 5, dtype=DT)
+    res = loss_along(model, loss, (X, y), d, steps=t, metrics={"accuracy": accuracy}, batch_size=13, batch=batch)
+    theta = flat(model)
+    for k, tk in enumerate(t):
+        with torch.no_grad():
+            out = functional_call(model, unflat(model, theta + tk * d), (X,))
+        assert float(res.values["loss"][k]) == pytest.approx(float(loss(out, y)), rel=1e-12)
+        assert float(res.values["accuracy"][k]) == pytest.approx(float(accuracy(out, y)), rel=1e-12)
+
+
 def test_batched_plane_equals_hand_loop_ij_order():
     model, X, y = mlp(seed=1)
     g = torch.Generator().manual_seed(0)

@@ -196,13 +196,19 @@ def test_torchrun_report_records_ranks_and_skips(torchrun, one_process):
     assert summary["distributed"]["world_size"] == 2 and summary["distributed"]["shard_sizes"] == [19, 18]
     assert summary["distributed"]["modes"] == {
         "all ranks (data-parallel)": ["overview", "eigenvalues", "hessian_matrix", "density", "trace", "rank",
-                                      "stationary"],
-        "rank 0 alone (first samples of the whole data)": ["ntk"], "skipped": ["landscape"]}
+                                      "stationary", "landscape"],
+        "rank 0 alone (first samples of the whole data)": ["ntk"], "skipped": []}
     assert summary["environment"]["torch.distributed"] == "gloo, 2 ranks, contiguous shards of 19/18 samples"
-    land = summary["sections"]["landscape"]
-    assert land["status"] == "skipped" and one_process["sections"]["landscape"]["status"] == "ok"
-    assert land["message"].startswith("skipped under torch.distributed: the loss landscape")
-    assert land["message"].endswith("run without torchrun for it")
+    land, one = summary["sections"]["landscape"], one_process["sections"]["landscape"]
+    assert land["status"] == "ok" and one["status"] == "ok"
+    # data-parallel: the whole data's loss along ±v (sign-free: symmetric steps) and on the plane
+    _close({k: land[k] for k in ("base_loss", "radius", "steps")}, {k: one[k] for k in ("base_loss", "radius", "steps")},
+           1e-9, "landscape")
+    for a, b in zip(land["curves"], one["curves"]):
+        _close({k: a[k] for k in ("eigenvalue", "loss_min", "loss_max")},
+               {k: b[k] for k in ("eigenvalue", "loss_min", "loss_max")}, 1e-8, "landscape curve")
+    _close({k: land["plane"][k] for k in ("loss_min", "loss_max")}, {k: one["plane"][k] for k in ("loss_min", "loss_max")},
+           1e-8, "landscape plane")
     assert summary["sections"]["ntk"]["computed_on"].startswith("rank 0 alone")
     assert summary["complete"] and not summary["failed_sections"]
     assert not [w for w in summary["warnings"] if "differ" in w]  # every rank computed the same numbers

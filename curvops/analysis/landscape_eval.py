@@ -175,19 +175,30 @@ def _chunk(chunk_size, budget, per_point_numel: int, itemsize: int, M: int) -> i
 
 def _data_pass(obj: Objective, M: int, metrics: dict, runner: _Runner, api: str,
                forward_at: Callable, inputs: Callable, point_numel: Callable, chunk_size, budget) -> tuple[Tensor, int]:
-    """One pass: Σ_b w_b [ℓ_b, metrics_b] at each of M points, normalized like the loss → ([M, 1 + K], N).
+    """One pass: [ℓ, metrics] at each of M points over the whole data → ([M, 1 + K], samples seen here).
 
+    The loss column is normalized exactly like the Objective's loss (``Σ_b w_b ℓ_b / Σ_b w_b``
+    with ``w_b = obj.batch_weight(b)``, i.e. ignored targets and class weights count as torch
+    counts them); metric columns are sample means (``Σ_b n_b m_b / N``).  With a process group
+    the sums run over every rank's shard (one all-reduce), so every rank gets the whole-data values.
     ``forward_at(batch, offset)`` gives ``fn(*point_inputs) -> outputs`` for one batch;
     ``inputs(s, m)`` the stacked inputs of points s … s+m-1; ``point_numel(n)`` the numbers held
     per point for a batch of n samples (sizes the chunks).
     """
     names = ["the loss"] + [f"metric {k!r}" for k in metrics]
-    acc = torch.zeros(M, len(names), dtype=obj.dtype, device=obj.device)
-    total = 0
     itemsize = torch.finfo(obj.dtype).bits // 8
-    with obj.session(), torch.no_grad():
+    mean = obj.reduction == "mean"
+    seen = 0
+
+    def like() -> Tensor:
+        return torch.zeros(M + 1, len(names), dtype=obj.dtype, device=obj.device)
+
+    def run() -> tuple[Tensor, float]:
+        nonlocal seen
+        acc = like()  # rows 0..M-1: Σ w_b ℓ_b and Σ n_b metric_b; row M, column 0: the sample count
+        weight_total = 0.0
         for batch in obj.batches():
-            fwd = forward_at(batch, total)
+            fwd = forward_at(batch, seen)
 
             def point(*args, b=batch, fwd=fwd):
                 out = fwd(*args)
@@ -195,11 +206,28 @@ def _data_pass(obj: Objective, M: int, metrics: dict, runner: _Runner, api: str,
                 return _scalars(vals, names, obj.dtype, api)
 
             m = _chunk(chunk_size, budget, point_numel(batch.n), itemsize, M)
-            weight = batch.n if obj.reduction == "mean" else 1
+            w = obj.batch_weight(batch)
+            scale = torch.full((len(names),), float(batch.n) if mean else 1.0, dtype=obj.dtype, device=obj.device)
+            scale[0] = w
             for s in range(0, M, m):
-                acc[s:s + m] += weight * runner(point, inputs(s, m))
-            total += batch.n
-    return (acc / total if obj.reduction == "mean" else acc), total
+                r = runner(point, inputs(s, m))
+                if w == 0:  # every target of the batch is ignored: its loss is 0/0 and weighs nothing
+                    r[:, 0] = 0
+                acc[s:s + r.shape[0]] += r * scale
+            acc[M, 0] += batch.n
+            weight_total += w
+            seen += batch.n
+        return acc, weight_total
+
+    with obj.session(), torch.no_grad():
+        acc, weight_total = obj.reduce_pass(run, like, api)
+    vals = acc[:M]
+    if mean:
+        vals = vals.clone()
+        vals[:, 0] = obj.normalize(vals[:, 0], weight_total)
+        if vals.shape[1] > 1:
+            vals[:, 1:] /= acc[M, 0]
+    return vals, seen
 
 
 def _evaluate_params(obj: Objective, D: Tensor, C: Tensor, metrics: dict, runner: _Runner,

@@ -118,9 +118,9 @@ def build_report(model, loss, data, outdir, *, quick: bool = False, top_k: int |
             the default group; ``curvops report`` under ``torchrun`` does this).  Every rank calls
             ``build_report`` with the same model and the *whole* data; each rank takes its contiguous
             shard (:func:`curvops.report.ranks.shard_data`).  The Hessian/GGN sections are
-            data-parallel and equal the one-process report to rounding; the NTK, active-subspace and
-            architecture sections run on rank 0 alone on the first samples of the whole data; the
-            landscape is skipped (reason in the report).  Only rank 0 writes files and shows
+            data-parallel and equal the one-process report to rounding, and so is the loss
+            landscape; the NTK, active-subspace and architecture sections run on rank 0 alone on the
+            first samples of the whole data.  Only rank 0 writes files and shows
             progress; every rank returns rank 0's summary.  A section that fails on one rank fails
             on every rank.  See docs/distributed.md.
 

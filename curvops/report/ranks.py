@@ -35,14 +35,10 @@ MODES = {"overview": "all", "eigenvalues": "all", "hessian_matrix": "all", "dens
          "condition": "all", "rank": "all", "stationary": "all",
          "ntk": "rank0", "active_subspace": "rank0", "architecture": "rank0",
          "active_subspace_prior": "rank0",  # report/sections_prior.py: on the first samples, one process
-         "landscape": "skip"}
+         "landscape": "all"}  # loss_along/loss_plane sum over every rank's shard (one all-reduce per pass)
 
-#: why a section is skipped under torch.distributed (shown in the report)
-SKIP_REASONS = {
-    "landscape": "the loss landscape evaluates the loss on each rank's shard without a reduction over the ranks "
-                 "(curvops.analysis.landscape is not data-parallel yet), and on rank 0 alone it would take hundreds "
-                 "of passes over the whole data",
-}
+#: why a section is skipped under torch.distributed (shown in the report); none at present
+SKIP_REASONS: dict[str, str] = {}
 
 #: environment variables torchrun sets for every process
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
