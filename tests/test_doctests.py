@@ -30,6 +30,8 @@ MUST_RUN = ["Hessian", "GGN", "Fisher", "EmpiricalFisher", "Jacobian", "NTK", "G
 def _run(name: str) -> doctest.TestResults:
     if name == "curvops.interop.gpytorch":
         pytest.importorskip("gpytorch")
+    if name == "curvops.interop.laplace":
+        pytest.importorskip("laplace")  # the optional laplace-torch extra (CI installs it)
     module = importlib.import_module(name)
     with torch.random.fork_rng():  # the examples seed the global RNG; leave it as found
         return doctest.testmod(module, optionflags=FLAGS, report=True, verbose=False)
