@@ -686,3 +686,13 @@ def test_operator_contract(which):
             with ctx():
                 fresh = cls(model, "cross_entropy", (X, y), batch_size=4) @ v
             contract.assert_matches(fresh, dense @ v, what="factors computed under a context")
+
+
+@pytest.mark.parametrize("kind", ["mse", "cross_entropy", "bce_with_logits"])
+def test_column_chunks_do_not_change_the_matrix(kind):
+    model = mlp()
+    X, y = data("mlp", kind)
+    full = curvops.EKFAC(model, kind, (X, y)).to_dense()
+    for k in (1, 2):
+        torch.testing.assert_close(curvops.EKFAC(model, kind, (X, y), max_columns=k).to_dense(), full,
+                                   rtol=1e-12, atol=1e-15)

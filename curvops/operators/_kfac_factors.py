@@ -87,46 +87,56 @@ def batch_weight(op, batch: Batch) -> float:
     return obj.batch_weight(batch)
 
 
-def loss_columns(op, batch: Batch, out: Tensor) -> Tensor:
-    """The columns ``s_c`` of the batch's output-space matrix [K, *out.shape] (un-normalized)."""
+def loss_columns(op, batch: Batch, out: Tensor) -> tuple[int, Callable[[int, int], Tensor]]:
+    """The columns ``s_c`` of the batch's output-space matrix (un-normalized): their number K and
+    ``columns(start, stop) -> [stop − start, *out.shape]``, built chunk by chunk (a type-2
+    cross-entropy over C classes has C columns, each the size of the whole output)."""
     obj = op.objective
     if op.fisher_type == "empirical":
         o = out.detach().requires_grad_()
         with torch.enable_grad():
             value = obj.loss(o, batch.y, batch.index)
             (E,) = torch.autograd.grad(value, o)
-        if obj.reduction == "sum":
-            return E[None]
-        d = obj.sample_weights(batch)  # ∇ℓ_i = (d_b / d_i) E_i (see EmpiricalFisher)
-        if d is None:
-            return (batch.n * E)[None]
-        d = d.to(device=E.device, dtype=E.dtype)
-        ratio = torch.where(d > 0, d.sum() / d.clamp(min=torch.finfo(E.dtype).tiny), 0.0)
-        return (ratio.reshape(-1, *([1] * (E.dim() - 1))) * E)[None]
+        if obj.reduction == "mean":
+            d = obj.sample_weights(batch)  # ∇ℓ_i = (d_b / d_i) E_i (see EmpiricalFisher)
+            if d is None:
+                E = batch.n * E
+            else:
+                d = d.to(device=E.device, dtype=E.dtype)
+                ratio = torch.where(d > 0, d.sum() / d.clamp(min=torch.finfo(E.dtype).tiny), 0.0)
+                E = ratio.reshape(-1, *([1] * (E.dim() - 1))) * E
+        return 1, lambda s, e: E[None]
     lik: _Likelihood = op._likelihood
     o = out.detach()
     keep = kept_targets(obj.loss_kind, obj.loss_module, batch.y)
     if keep is not None:
         keep = keep.unsqueeze(1).to(o.dtype)
+    masked = (lambda c: c) if keep is None else (lambda c: c * keep)
     if op.fisher_type == "mc":
         gen = torch.Generator(device=o.device)
         gen.manual_seed(op._seed * 1_000_003 + batch.index + obj.rank * 2**40)
-        cols = lik.sample_grads(o, op.mc_samples, gen) / math.sqrt(op.mc_samples)
-    elif lik.kind in ("mse", "bce_with_logits"):
+        cols = masked(lik.sample_grads(o, op.mc_samples, gen) / math.sqrt(op.mc_samples))
+        return cols.shape[0], lambda s, e: cols[s:e]
+    if lik.kind in ("mse", "bce_with_logits"):  # diagonal Hessian: √h e_c along the last dimension
         scale = math.sqrt(2.0) * torch.ones_like(o) if lik.kind == "mse" else \
             torch.sqrt(torch.sigmoid(o) * torch.sigmoid(-o))
-        C = o.shape[-1] if o.dim() > 1 else 1
-        eye = torch.eye(C, dtype=o.dtype, device=o.device)
         if o.dim() == 1:
-            cols = scale[None]
-        else:
-            cols = scale[None] * eye.reshape(C, *([1] * (o.dim() - 1)), C)
-    else:  # cross-entropy: √p_c (e_c − p) along the class dimension 1
-        p = torch.softmax(o, dim=1)
-        C = o.shape[1]
-        onehot = torch.eye(C, dtype=o.dtype, device=o.device).reshape(C, 1, C, *([1] * (o.dim() - 2)))
-        cols = torch.sqrt(p).movedim(1, 0).unsqueeze(2) * (onehot - p[None])
-    return cols if keep is None else cols * keep
+            return 1, lambda s, e: masked(scale[None])
+        C = o.shape[-1]
+
+        def diagonal(s, e):
+            eye = torch.eye(C, dtype=o.dtype, device=o.device)[s:e]
+            return masked(scale[None] * eye.reshape(e - s, *([1] * (o.dim() - 1)), C))
+        return C, diagonal
+    # cross-entropy: diag(p) − ppᵀ = Σ_c p_c (e_c − p)(e_c − p)ᵀ along the class dimension 1
+    p = torch.softmax(o, dim=1)
+    C = o.shape[1]
+    root = torch.sqrt(p)
+
+    def categorical(s, e):
+        onehot = torch.eye(C, dtype=o.dtype, device=o.device)[s:e].reshape(e - s, 1, C, *([1] * (o.dim() - 2)))
+        return masked(root[:, s:e].movedim(1, 0).unsqueeze(2) * (onehot - p[None]))
+    return C, categorical
 
 
 def backprop(out: Tensor, zs: list[Tensor | None], cols: Tensor) -> list[Tensor | None]:
@@ -166,14 +176,14 @@ def data_pass(op, on_input: Callable[[int, Tensor], None], on_grads: Callable[[i
             with Recorder(obj.model, op.blocks, on_input) as rec:
                 out = obj.forward(theta, batch.x)
             obj.check_target(out, batch.y, batch.index)
-            cols = loss_columns(op, batch, out)
+            K, columns = loss_columns(op, batch, out)
             zs = [rec.outputs.get(i) for i in range(len(op.blocks))]
             missing = [op.blocks[i].module for i, z in enumerate(zs) if z is None]
             if missing:
                 raise ValueError(f"KFAC: layers {missing} did not run in the forward of batch {batch.index}; "
                                  f"leave them out with layers= or params=.")
-            for s in range(0, cols.shape[0], op.max_columns):
-                gs = backprop(out, zs, cols[s:s + op.max_columns])
+            for s in range(0, K, op.max_columns):
+                gs = backprop(out, zs, columns(s, min(s + op.max_columns, K)))
                 for i, g in enumerate(gs):
                     if g is not None:
                         on_grads(i, g.detach())
