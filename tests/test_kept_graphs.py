@@ -148,6 +148,25 @@ def test_kept_graphs_follow_parameter_changes(name, change):
     close(A @ V, dense(name, model, X, y) @ V, f"{name} after {change.__name__}, rebuilt graphs")
 
 
+@pytest.mark.parametrize("name", ["Hessian", "GGN", "EmpiricalFisher"])
+def test_kept_graphs_follow_the_data(name):
+    # A fixed list of batches can still change: a batch replaced, one appended, a tensor written in place.
+    model, (X, y) = _model(), _data(28)
+    data = views(X[:24], y[:24])
+    A = OPS[name](model, "cross_entropy", data)
+    V = probes(A.shape[1], 2)
+    A @ V
+    data[2] = (data[2][0] + 1.0, data[2][1])
+    Xs, ys = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
+    close(A @ V, dense(name, model, Xs, ys) @ V, f"{name} after a batch was replaced")
+    data.append((X[24:], y[24:]))
+    close(A @ V, dense(name, model, torch.cat([Xs, X[24:]]), y) @ V, f"{name} after a batch was appended")
+    with torch.no_grad():
+        X.mul_(0.5)  # batch 0 is a view of X
+    Xs = torch.cat([b[0] for b in data])
+    close(A @ V, dense(name, model, Xs, y) @ V, f"{name} after the inputs were scaled in place")
+
+
 # ---- targets, budgets, warnings ---------------------------------------------------------------
 @pytest.mark.parametrize("name", list(OPS))
 def test_ignore_index_targets(name):

@@ -120,6 +120,28 @@ class CurvatureOperator(Operator):
             return obj.normalize(out, total).to(V.dtype)
 
 
+def kept_pass(op: CurvatureOperator, V: Tensor, columns: Callable[[list[Tensor]], list[Tensor]]) -> Tensor:
+    """A product when every batch's graph is kept (``op._cache.complete``): no pass over the data;
+    ``columns(Vs) -> Σ_b w_b (batch term) Vs`` per chunk of columns, then the usual reduction over
+    ranks and the whole-data normalization (the kept weights sum to the total a pass would count)."""
+    obj, cache = op.objective, op._cache
+    K = V.shape[1]
+    acc_dtype = torch.float32 if V.dtype in (torch.bfloat16, torch.float16) else V.dtype
+
+    def run():
+        parts = []
+        with obj.session():
+            for s in range(0, K, op.max_columns):
+                Vs = split_columns(obj, V[:, s:s + op.max_columns])
+                parts.append(join_columns([r.to(acc_dtype) for r in columns(Vs)], Vs[0].shape[0]))
+        return torch.cat(parts, dim=1), sum(cache.weights.values())
+
+    out, total = obj.reduce_pass(run, lambda: torch.zeros(obj.num_params, K, dtype=acc_dtype, device=V.device),
+                                 type(op).__name__)
+    with product_mode():
+        return obj.normalize(out, total).to(V.dtype)
+
+
 def output_space(objective: Objective, batch: Batch, theta: Sequence[Tensor], Vs: list[Tensor],
                  apply_M: Callable[[Tensor, Tensor], Tensor], path: list[str]) -> list[Tensor]:
     """Jᵀ M J for a block of columns on one batch (J = ∂f/∂θ of the batch outputs).

@@ -144,6 +144,19 @@ def _data_storages(objective) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, Tensor) and t.device.type != "meta"}
 
 
+def _fingerprint(objective) -> tuple | None:
+    """Identity and version of every data tensor of a fixed data set: replacing a batch, appending
+    one or writing into a data tensor in place changes it (the graphs are then rebuilt)."""
+    data = objective.data
+    if isinstance(data, SplitBatches):
+        leaves = tree_leaves(data.X) + tree_leaves(data.y)
+    elif isinstance(data, (list, tuple)):
+        leaves = [len(data), *(id(b) for b in data), *tree_leaves(list(data))]
+    else:
+        return None
+    return tuple((id(t), t._version) if isinstance(t, Tensor) else t for t in leaves)
+
+
 def _num_batches(objective) -> int | None:
     try:
         return len(objective.data)
@@ -197,6 +210,10 @@ class GraphCache:
         self.enabled = keep is True or (keep == "auto" and _fixed_data(objective)
                                         and not (objective.allow_stochastic and objective.stochastic_modules()))
         self.entries: dict[int, object] = {}
+        self.weights: dict[int, float] = {}  # each kept batch's weight w_b in the whole-data loss
+        self.theta: list[Tensor] | None = None  # the θ leaves shared by every kept graph
+        self.complete = False  # a whole pass found every batch kept: products may skip the data
+        self.fingerprint: tuple | None = None
         self.nbytes = 0
         self.budget = 0
         self.stamp: tuple | None = None  # the parameter and buffer values the graphs were built from
@@ -208,7 +225,8 @@ class GraphCache:
 
     def clear(self) -> None:
         self.entries.clear()
-        self.nbytes, self.full, self.stamp = 0, False, None
+        self.weights.clear()
+        self.nbytes, self.full, self.stamp, self.theta, self.complete = 0, False, None, None, False
 
     def _resolve_budget(self) -> int:
         if self.max_bytes is not None:
@@ -224,10 +242,13 @@ class GraphCache:
         if not self.enabled:
             return
         obj = self.objective
-        if self.stamp is not None and obj.state_matches(self.stamp):
+        fingerprint = _fingerprint(obj)
+        if self.stamp is not None and fingerprint == self.fingerprint and obj.state_matches(self.stamp):
             return
-        self.clear()  # the model changed (in place, through .data, reassigned, load_state_dict): rebuild
-        self.stamp = obj.state_stamp()
+        # the model changed (in place, through .data, reassigned, load_state_dict) or the data did: rebuild
+        self.clear()
+        self.stamp, self.fingerprint = obj.state_stamp(), fingerprint
+        self.theta = [t.detach().requires_grad_() for t in obj.theta()]
         self._exclude = {t.untyped_storage().data_ptr() for t in obj._state_tensors()} | _data_storages(obj)
         self._stamp_bytes = sum(t.numel() * t.element_size() for t in self.stamp)
         self.budget = self._resolve_budget()
@@ -235,8 +256,9 @@ class GraphCache:
     def get(self, index: int):
         return self.entries.get(index) if self.enabled else None
 
-    def build(self, index: int, make: Callable[[], tuple[object, list[Tensor]]]):
-        """``make() -> (entry, held tensors)`` for batch ``index``, kept if it fits the budget."""
+    def build(self, index: int, make: Callable[[], tuple[object, list[Tensor]]], weight: float = 1.0):
+        """``make() -> (entry, held tensors)`` for batch ``index`` (of weight ``weight``), kept if it
+        fits the budget."""
         if not self.enabled or self.full:
             return make()[0]
         with SavedBytes(self._exclude) as counter:
@@ -250,12 +272,17 @@ class GraphCache:
             nbytes += self._stamp_bytes  # the copy of the model's state that keys the graphs
         if self.nbytes + nbytes <= self.budget:
             self.entries[index] = entry
+            self.weights[index] = weight
             self.nbytes += nbytes
         else:
             self.full = True
             self._warn(f"the budget is full after {len(self.entries)} batches ({_mb(self.nbytes)} kept; the next "
                        f"needs {_mb(nbytes)}, the budget is {_mb(self.budget)})")
         return entry
+
+    def pass_done(self) -> None:
+        """After a product's pass over the data: were all its batches kept?"""
+        self.complete = self.enabled and not self.full and bool(self.entries)
 
     def _estimate(self, first: int) -> None:
         n = _num_batches(self.objective)

@@ -28,33 +28,34 @@ from torch import Tensor
 
 from ..objective import Batch
 from . import _autodiff
-from ._curvature import CurvatureOperator, output_space
+from ._curvature import CurvatureOperator, kept_pass, output_space, zeros_for_none
 from ._graph_cache import GraphCache
 
 KEPT_PATH = "double-VJP J and reverse-mode Jᵀ on the kept graph (torch.autograd)"
 
 
-def build_entry(objective, batch: Batch, check: bool):
-    """The kept graph of one batch: ``((θ, f, u, edges of Jᵀu, live indices), held tensors)``."""
-    theta = [t.detach().requires_grad_() for t in objective.theta()]
+def build_entry(objective, batch: Batch, theta: list[Tensor], check: bool):
+    """The kept graph of one batch on the θ leaves ``theta``:
+    ``((θ, f, u, edges of Jᵀu, live indices, the batch without its inputs), held tensors)``."""
+    lite = Batch(None, batch.y, batch.n, batch.index)
     with torch.enable_grad():
         out = objective.forward(theta, batch.x)
         objective.check_target(out, batch.y, batch.index)
         if not isinstance(out, Tensor) or not out.requires_grad:
-            return (theta, out, None, [], []), []
+            return (theta, out, None, [], [], lite), []
         u = _autodiff.random_cotangent(out)
         g = torch.autograd.grad(out, theta, u, create_graph=True, allow_unused=True)
     live = [i for i, gi in enumerate(g) if gi is not None]
     if check:  # once per operator: every gradient's graph reaches u (or the gradient is zero)
         _autodiff.check_double_vjp([g[i] for i in live], u)
     edges = [torch.autograd.graph.get_gradient_edge(g[i]) for i in live]
-    return (theta, out, u, edges, live), [out, u]
+    return (theta, out, u, edges, live, lite), [out, u]
 
 
 def kept_products(entry, Vs: list[Tensor], apply_M: Callable[[Tensor, Tensor], Tensor],
                   batched: bool) -> tuple[list[Tensor], bool]:
     """``Jᵀ M J V`` on a kept entry → (per parameter ``[K, *shape]``, whether the batched kernels ran)."""
-    theta, out, u, edges, live = entry
+    theta, out, u, edges, live, _ = entry
     K = Vs[0].shape[0]
     if not live:
         return [torch.zeros(K, *t.shape, dtype=t.dtype, device=t.device) for t in theta], batched
@@ -124,7 +125,8 @@ class OutputSpaceOperator(CurvatureOperator):
         if entry is not None or not cache.enabled or cache.full:
             return entry
         try:
-            entry = cache.build(batch.index, lambda: build_entry(self.objective, batch, not self._checked))
+            entry = cache.build(batch.index, lambda: build_entry(self.objective, batch, cache.theta, not self._checked),
+                                self._batch_weight(batch))
             self._checked = True
             return entry
         except (RuntimeError, NotImplementedError):
@@ -148,5 +150,48 @@ class OutputSpaceOperator(CurvatureOperator):
         return res
 
     def _matmat_torch(self, V: Tensor) -> Tensor:
-        self._cache.sync()  # drops the graphs when the model changed since they were built
-        return super()._matmat_torch(V)
+        cache = self._cache
+        cache.sync()  # drops the graphs when the model or the data changed since they were built
+        if cache.complete:
+            try:
+                return kept_pass(self, V, self._kept_columns)
+            except (RuntimeError, NotImplementedError):
+                self._give_up_keeping()
+        out = super()._matmat_torch(V)
+        cache.pass_done()
+        return out
+
+    def _kept_columns(self, Vs: list[Tensor]) -> list[Tensor]:
+        """Σ_b w_b J_bᵀ M_b J_b V over every kept batch with two reverse passes through all the graphs
+        at once: one for every batch's J_b V (double-VJP), one for the sum of the Jᵀ (shared θ leaves)."""
+        cache = self._cache
+        entries = [(e, cache.weights[i]) for i, e in cache.entries.items() if e[4]]
+        theta, K = cache.theta, Vs[0].shape[0]
+        if not entries:
+            return [torch.zeros(K, *t.shape, dtype=t.dtype, device=t.device) for t in theta]
+        edges = [x for e, _ in entries for x in e[3]]
+        us = [e[2] for e, _ in entries]
+        tangents = [Vs[i] for e, _ in entries for i in e[4]]
+        outs = [e[1] for e, _ in entries]
+        grad = torch.autograd.grad
+
+        def M_of(JVs):
+            return [w * self._apply_M(e[5], e[1].detach(), JV) for (e, w), JV in zip(entries, JVs)]
+
+        self.last_path = KEPT_PATH + self._path_suffix
+        if K > 1 and self._batched:
+            try:
+                JVs = grad(edges, us, tangents, retain_graph=True, is_grads_batched=True)
+                res = grad(outs, theta, M_of(JVs), retain_graph=True, allow_unused=True, is_grads_batched=True)
+                return zeros_for_none(res, theta, K)
+            except RuntimeError as err:
+                if "vmap" not in str(err) and "batch" not in str(err):
+                    raise
+                self._batched = False
+        cols = []
+        for k in range(K):
+            JVs = grad(edges, us, [t[k] for t in tangents], retain_graph=True)
+            Ms = M_of([jv[None] for jv in JVs])
+            cols.append(zeros_for_none(grad(outs, theta, [m[0] for m in Ms], retain_graph=True, allow_unused=True),
+                                       theta))
+        return [torch.stack(c) for c in zip(*cols)]

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..objective import Batch, Objective
 from . import tags as _tags
-from ._curvature import CurvatureOperator, make_objective
+from ._curvature import CurvatureOperator, kept_pass, make_objective, zeros_for_none
 from ._graph_cache import GraphCache
 
 _BATCHED, _LOOP = "reverse-over-reverse, batched columns", "reverse-over-reverse, column loop"
@@ -42,10 +42,11 @@ class ScalarHessian(CurvatureOperator):
     def _scalar(self, batch: Batch, theta: Sequence[Tensor]) -> Tensor:
         raise NotImplementedError
 
-    def _prepare(self, batch: Batch, edges: bool = False):
+    def _prepare(self, batch: Batch, edges: bool = False, theta=None):
         """(θ leaves, the live gradient outputs, their indices); with ``edges`` the outputs are
         autograd edges, so the parameter-sized gradients themselves need not be held."""
-        theta = [t.detach().requires_grad_() for t in self.objective.theta()]
+        if theta is None:
+            theta = [t.detach().requires_grad_() for t in self.objective.theta()]
         with torch.enable_grad():
             s = self._scalar(batch, theta)
             if not s.requires_grad:  # outputs independent of θ: a zero term
@@ -168,7 +169,8 @@ class Hessian(ScalarHessian):
             return entry
         if not cache.enabled or cache.full:
             return super()._prepare(batch)
-        return cache.build(batch.index, lambda: (super(Hessian, self)._prepare(batch, edges=True), []))
+        return cache.build(batch.index, lambda: (super(Hessian, self)._prepare(batch, True, cache.theta), []),
+                           self._batch_weight(batch))
 
     def _batch_accumulate(self, batch: Batch, Vs, state, out, weight: float) -> None:
         super()._batch_accumulate(batch, Vs, state, out, weight)
@@ -176,5 +178,38 @@ class Hessian(ScalarHessian):
             self.last_path += _KEPT
 
     def _matmat_torch(self, V: Tensor) -> Tensor:
-        self._cache.sync()  # drops the graphs when the model changed since they were built
-        return super()._matmat_torch(V)
+        cache = self._cache
+        cache.sync()  # drops the graphs when the model or the data changed since they were built
+        if cache.complete:
+            return kept_pass(self, V, self._kept_columns)
+        out = super()._matmat_torch(V)
+        cache.pass_done()
+        return out
+
+    def _kept_columns(self, Vs: list[Tensor]) -> list[Tensor]:
+        """Σ_b w_b H_b V over every kept batch: one double backward through all the graphs at once
+        (they share their θ leaves, so autograd sums the batches itself)."""
+        cache = self._cache
+        outs, gos, scaled = [], [], {}
+        for index, (_, edges, live) in cache.entries.items():
+            w = cache.weights[index]
+            if w not in scaled:  # batches of equal weight share one scaled copy of the columns
+                scaled[w] = [v * w for v in Vs]
+            outs += edges
+            gos += [scaled[w][i] for i in live]
+        theta = cache.theta
+        K = Vs[0].shape[0]
+        if not outs:
+            return [torch.zeros(K, *t.shape, dtype=t.dtype, device=t.device) for t in theta]
+        self.last_path = (_SINGLE if K == 1 else _LOOP) + _KEPT
+        if K > 1 and self._batched_ok:
+            try:
+                res = torch.autograd.grad(outs, theta, gos, retain_graph=True, allow_unused=True,
+                                          is_grads_batched=True)
+                self.last_path = _BATCHED + _KEPT
+                return zeros_for_none(res, theta, K)
+            except RuntimeError:
+                self._batched_ok = False
+        cols = [torch.autograd.grad(outs, theta, [g[k] for g in gos], retain_graph=True, allow_unused=True)
+                for k in range(K)]
+        return [torch.stack(c) for c in zip(*[zeros_for_none(c, theta) for c in cols])]
