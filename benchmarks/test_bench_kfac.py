@@ -1,6 +1,7 @@
 """KFAC against curvlinops' KFACLinearOperator: factor computation and the damped inverse product.
 
     pytest benchmarks/test_bench_kfac.py -n 0 [--benchmark-json out.json]
+    python benchmarks/test_bench_kfac.py [--rounds 5]     # interleaved rounds → a markdown table
 
 Two workloads in the same run: the MLP-784 workload of ``workloads.py`` (784-256-256-10 tanh,
 2048 samples in batches of 256, cross-entropy) and a small conv net (3×32×32 inputs,
@@ -32,7 +33,8 @@ import workloads as W
 
 import curvops
 
-pytest.importorskip("pytest_benchmark")
+if __name__ != "__main__":
+    pytest.importorskip("pytest_benchmark")
 cl = pytest.importorskip("curvlinops")
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
@@ -78,26 +80,31 @@ def _median(fn, rounds: int) -> float:
     return statistics.median(times)
 
 
+def _setup(name: str) -> dict:
+    """The workload, both operators (factors computed), their damped inverses and a 16-column block,
+    checked to be the same matrix; plus the median gradient time."""
+    w = W.build("mlp") if name == "mlp" else build_conv(W.scale_from_env())
+    ours = curvops.KFAC(w.model, w.loss, w.batches)
+    theirs = cl.KFACLinearOperator(w.model, w.loss, w.params, w.batches, fisher_type="type-2",
+                                   separate_weight_and_bias=False, check_deterministic=False, num_data=w.num_data)
+    V = torch.randn(w.num_params, BLOCK, generator=torch.Generator().manual_seed(0))
+    ours_inv = ours.inverse(DAMPING)
+    theirs_inv = cl.KFACInverseLinearOperator(theirs, damping=DAMPING, use_exact_damping=True)
+    a, b = ours @ V[:, 0], theirs @ V[:, 0]  # same matrix (the check of the whole benchmark)
+    assert float((a - b).norm() / b.norm()) < 1e-4
+    a, b = ours_inv @ V, theirs_inv @ V
+    assert float((a - b).norm() / b.norm()) < 1e-3  # damped inverse in float32: κ ≈ 1/δ
+    return dict(w=w, ours=ours, theirs=theirs, V=V, ours_inv=ours_inv, theirs_inv=theirs_inv,
+                gradient=_median(_gradient(w), max(ROUNDS, 5)))
+
+
 @pytest.fixture(scope="session")
 def setups():
     cache: dict[str, dict] = {}
 
     def get(name: str) -> dict:
         if name not in cache:
-            w = W.build("mlp") if name == "mlp" else build_conv(W.scale_from_env())
-            ours = curvops.KFAC(w.model, w.loss, w.batches)
-            theirs = cl.KFACLinearOperator(w.model, w.loss, w.params, w.batches, fisher_type="type-2",
-                                           separate_weight_and_bias=False, check_deterministic=False,
-                                           num_data=w.num_data)
-            V = torch.randn(w.num_params, BLOCK, generator=torch.Generator().manual_seed(0))
-            ours_inv = ours.inverse(DAMPING)
-            theirs_inv = cl.KFACInverseLinearOperator(theirs, damping=DAMPING, use_exact_damping=True)
-            a, b = ours @ V[:, 0], theirs @ V[:, 0]  # same matrix (the check of the whole benchmark)
-            assert float((a - b).norm() / b.norm()) < 1e-4
-            a, b = ours_inv @ V, theirs_inv @ V
-            assert float((a - b).norm() / b.norm()) < 1e-3  # damped inverse in float32: κ ≈ 1/δ
-            cache[name] = dict(w=w, ours=ours, theirs=theirs, V=V, ours_inv=ours_inv, theirs_inv=theirs_inv,
-                               gradient=_median(_gradient(w), max(ROUNDS, 5)))
+            cache[name] = _setup(name)
         return cache[name]
     return get
 
@@ -125,3 +132,44 @@ def test_kfac(benchmark, setups, workload, row):
     library, what = row.split(".")
     if library == "curvlinops" and (workload, f"curvops.{what}") in _medians:
         benchmark.extra_info["curvops_speedup"] = median / _medians[workload, f"curvops.{what}"]
+
+
+def main(rounds: int) -> None:
+    """Interleaved rounds (each round times every row once and the gradient once), medians → a table."""
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    print("| workload | row | median (s) | × gradient | curvops speed-up |\n| --- | --- | --- | --- | --- |")
+    for name in ("mlp", "conv"):
+        s = _setup(name)
+        med: dict[str, float] = {}
+        # two phases: recomputing the factors invalidates curvops' eigendecompositions (the inverse
+        # follows the model), so the inverse rows are timed after the factor rows, each phase interleaved
+        for phase in ("factors", "inverse"):
+            fns = {row: fn(s) for row, fn in ROWS.items() if row.endswith(phase)}
+            fns[f"gradient ({phase} phase)"] = _gradient(s["w"])
+            times: dict[str, list[float]] = {k: [] for k in fns}
+            for fn in fns.values():
+                fn()  # warm-up (the inverse rows: eigendecompositions)
+            for _ in range(rounds):
+                for k, fn in fns.items():
+                    start = time.perf_counter()
+                    fn()
+                    times[k].append(time.perf_counter() - start)
+            grad = statistics.median(times.pop(f"gradient ({phase} phase)"))
+            for k, v in times.items():
+                med[k] = statistics.median(v)
+                med[k + "/g"] = med[k] / grad
+            med[f"gradient {phase}"] = grad
+        for row in ROWS:
+            library, what = row.split(".")
+            speed = f"{med[f'curvlinops.{what}'] / med[row]:.2f}×" if library == "curvops" else ""
+            print(f"| {name} | {row} | {med[row]:.3f} | {med[row + '/g']:.2f} | {speed} |")
+        print(f"| {name} | gradient | {med['gradient factors']:.3f}, {med['gradient inverse']:.3f} | 1 | |")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    main(parser.parse_args().rounds)
