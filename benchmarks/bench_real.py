@@ -1,7 +1,8 @@
 """Curvature at real size: GPT-2 and a ResNet-18-sized conv net, curvops beside curvlinops.
 
-    python benchmarks/bench_real.py [--full] [--device cuda] [--workload gpt2|resnet|all]
+    python benchmarks/bench_real.py [--full | --quick | --tiny] [--device cuda] [--workload gpt2|resnet|all]
                                     [--repeats N] [--threads N] [--no-memory] [--no-curvlinops]
+                                    [--no-compile] [--no-pyhessian] [--pyhessian-eig] [--methods KEY,...]
                                     [--set gpt2.vocab_size=50257 ...] [--json PATH]
 
 Workloads (float32, seeded, random initialization: nothing is downloaded):
@@ -15,16 +16,24 @@ Workloads (float32, seeded, random initialization: nothing is downloaded):
   ``--full``: 32 images of 3 × 224 × 224.
 
 Without ``--full`` (the default, for a CPU) the sizes shrink so the script finishes in minutes
-on two cores; the table prints the sizes used.  ``--set workload.key=value`` overrides one size.
+on two cores; ``--quick`` shrinks them further (GPT-2 2×128, vocabulary 2048; ResNet-18 at width
+16 on 32×32 images) and runs 2 rounds; the table prints the sizes used.  ``--set
+workload.key=value`` overrides one size.
 
 Rows: one gradient (``loss.backward()`` of the model's own loss: the baseline), Hessian @ v,
-GGN @ v, a 16-column Hessian block (cost per column), ``eigsh`` top-5 (time and products), each as
-a multiple of the gradient measured in the same process (median over interleaved rounds), and the
-peak memory of each as a multiple of a gradient step's.  curvlinops 3.0.1 runs beside it where it
-can: ``HessianLinearOperator`` / ``GGNLinearOperator`` (``check_deterministic=False``) and scipy's
-``eigsh`` on ``to_scipy()``.  curvlinops fails on GPT-2 with the default ``sdpa`` attention (no
-double backward / forward mode for the fused kernel), so its GPT-2 model is a copy with
-``attn_implementation="eager"`` and the same weights; curvops runs the model as given.
+GGN @ v, EmpiricalFisher @ v, a 16-column Hessian block (cost per column), ``eigsh`` top-10 (time
+and products), each as a multiple of the gradient measured in the same process (median over
+interleaved rounds), and the peak memory of each as a multiple of a gradient step's.  The
+**compiled** rows run the same products through ``Objective(compile=True)`` (one torch.func graph
+per batch under ``torch.compile``; docs/compile.md); compilation happens in the set-up (its time
+is reported apart, ``compile_s``) and every compiled result is checked against the eager one.
+curvlinops 3.0.1 runs beside it where it can: ``HessianLinearOperator`` / ``GGNLinearOperator`` /
+``EFLinearOperator`` (``check_deterministic=False``) and scipy's ``eigsh`` on ``to_scipy()``;
+PyHessian 0.1 (``dataloader_hv_product``; its power-iteration ``eigenvalues(top_n=10)`` with
+``--pyhessian-eig``, on by default at ``--quick``/``--tiny`` sizes).  curvlinops and PyHessian fail
+on GPT-2 with the default ``sdpa`` attention (no double backward / forward mode for the fused
+kernel), so their GPT-2 model is a copy with ``attn_implementation="eager"`` and the same weights;
+curvops runs the model as given.
 
 Memory.  On CPU every measurement runs again in a fresh subprocess that builds the workload,
 reads its peak resident set size (``VmHWM``; tracemalloc does not see torch's allocations) and
@@ -57,7 +66,7 @@ from torch import Tensor, nn
 import curvops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-K_EIG, TOL_EIG, BLOCK = 5, 1e-3, 16
+K_EIG, TOL_EIG, BLOCK = 10, 1e-3, 16
 TARGETS = {"gpt2": {"H": 3.0, "GGN": 2.0}}  # × one gradient (issue 11); memory: ≤ 3× a gradient step's
 MEM_TARGET = 3.0
 
@@ -66,6 +75,8 @@ SIZES = {
              "resnet": dict(width=64, batch=32, image=224, classes=1000)},
     "cpu": {"gpt2": dict(n_layer=2, n_embd=256, n_head=4, vocab_size=8192, batch=4, tokens=64),
             "resnet": dict(width=64, batch=8, image=64, classes=1000)},
+    "quick": {"gpt2": dict(n_layer=2, n_embd=128, n_head=4, vocab_size=2048, batch=2, tokens=64),
+              "resnet": dict(width=16, batch=4, image=32, classes=100)},
     "tiny": {"gpt2": dict(n_layer=1, n_embd=16, n_head=2, vocab_size=64, batch=2, tokens=8),
              "resnet": dict(width=4, batch=2, image=16, classes=5)},
 }
@@ -124,6 +135,19 @@ class LogitsForCurvlinops(nn.Module):
         return logits[:, :-1].reshape(-1, logits.shape[-1])
 
 
+class IdsForPyHessian(nn.Module):
+    """A causal LM as PyHessian needs it: a tensor of token ids in (it calls ``inputs.size(0)``),
+    shifted logits out."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        logits = self.lm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        return logits[:, :-1].reshape(-1, logits.shape[-1])
+
+
 @dataclass
 class Workload:
     name: str
@@ -134,6 +158,9 @@ class Workload:
     gradient: Callable[[], None]
     curvlinops: Callable[[], tuple] | None = None  # → (model_func, loss_func, params, data, kwargs)
     notes: list = field(default_factory=list)
+    pyhessian: Callable[[], tuple] | None = None   # → (model, criterion, [(inputs, targets)])
+    compiled: object = None                       # the shared Objective(compile=True), built on demand
+    compile_s: dict = field(default_factory=dict)  # first call (tracing + compilation) per method
 
     @property
     def num_params(self) -> int:
@@ -168,8 +195,14 @@ def build(name: str, sizes: dict, device: torch.device) -> Workload:
             kw = dict(batch_size_fn=lambda X: X["input_ids"].shape[0], num_data=s["batch"])
             return wrapped, nn.CrossEntropyLoss(), list(eager.parameters()), [(X, y)], kw
 
+        def for_pyhessian():
+            eager = GPT2LMHeadModel(GPT2Config(**cfg_kw, attn_implementation="eager")).to(device).eval()
+            eager.load_state_dict(model.state_dict())
+            return IdsForPyHessian(eager), nn.CrossEntropyLoss(), [(ids, batch["labels"][:, 1:].reshape(-1))]
+
         return Workload(name, s, model, "causal_lm", [batch], gradient, for_curvlinops,
-                        ["curvlinops: a copy with attn_implementation='eager' (it fails on sdpa)"])
+                        ["curvlinops, PyHessian: a copy with attn_implementation='eager' (they fail on sdpa)"],
+                        for_pyhessian)
     if name == "resnet":
         s = sizes
         model = ResNet18(s["width"], s["classes"]).to(device).eval()
@@ -184,7 +217,8 @@ def build(name: str, sizes: dict, device: torch.device) -> Workload:
         def for_curvlinops():
             return model, loss, list(model.parameters()), [(X, y)], dict(num_data=s["batch"])
 
-        return Workload(name, s, model, loss, [(X, y)], gradient, for_curvlinops)
+        return Workload(name, s, model, loss, [(X, y)], gradient, for_curvlinops,
+                        pyhessian=lambda: (model, loss, [(X, y)]))
     raise ValueError(f"bench_real: unknown workload {name!r}; expected 'gpt2' or 'resnet'.")
 
 
@@ -230,6 +264,99 @@ def _eigsh_curvlinops(w: Workload, device) -> Callable[[], dict]:
     return run
 
 
+# ---- the compiled path (Objective(compile=True)) and PyHessian --------------------------------------
+class CompiledHessian(curvops.operators.base.Operator):
+    """The compiled Hessian pass as an operator (for ``eigsh``)."""
+
+    def __init__(self, objective):
+        P = objective.num_params
+        super().__init__((P, P), objective.dtype, objective.device, tags=("symmetric",))
+        self.objective = objective
+
+    def _matmat_torch(self, V: Tensor) -> Tensor:
+        return _must(self.objective, self.objective.compiled.matmat("hessian", V))
+
+
+def _must(objective, out):
+    if out is None:
+        raise RuntimeError(f"compile failed: {objective.compiled.failure}")
+    return out
+
+
+def _compiled_objective(w: Workload):
+    if w.compiled is None:
+        w.compiled = curvops.Objective(w.model, w.loss, w.data, compile=True)
+    return w.compiled
+
+
+def _first_call(w: Workload, key: str, run: Callable):
+    """Run once (tracing + compilation), recording how long it took."""
+    start = time.perf_counter()
+    run()
+    w.compile_s[key] = time.perf_counter() - start
+    return run
+
+
+def _compiled_product(kind: str, use_block: bool, key: str):
+    def prepare(w, v, V, device):
+        obj = _compiled_objective(w)
+        X = V if use_block else v[:, None]
+        return _first_call(w, key, lambda: _must(obj, obj.compiled.matmat(kind, X)))
+
+    return prepare
+
+
+def _eigsh_compiled(w: Workload, device) -> Callable[[], dict]:
+    op = CompiledHessian(_compiled_objective(w))
+    _first_call(w, "eig.c", lambda: op @ torch.ones(op.shape[0], device=device))
+
+    def run():
+        r = curvops.eigsh(op, k=K_EIG, tol=TOL_EIG, generator=0)
+        return {"products": r.num_matvecs, "converged": bool(r.converged),
+                "top": sorted(r.eigenvalues.tolist(), reverse=True)}
+
+    return run
+
+
+def _pyhessian(w: Workload, device):
+    from pyhessian import hessian
+
+    model, criterion, data = w.pyhessian()
+    h = hessian(model, criterion, dataloader=data, cuda=device.type == "cuda")
+    count = [0]
+    product = h.dataloader_hv_product
+
+    def counted(v):
+        count[0] += 1
+        return product(v)
+
+    h.dataloader_hv_product = counted
+    return h, count
+
+
+def _pyhessian_hv(w, v, V, device):
+    h, _ = _pyhessian(w, device)
+    vs = [t.view_as(p) for t, p in zip(v.split([p.numel() for p in h.params]), h.params)]
+
+    def run():
+        _, Hv = h.dataloader_hv_product(vs)
+        return torch.cat([t.reshape(-1) for t in Hv])
+
+    return run
+
+
+def _pyhessian_eig(w: Workload, device) -> Callable[[], dict]:
+    h, count = _pyhessian(w, device)
+
+    def run():
+        count[0] = 0
+        torch.manual_seed(0)  # PyHessian draws its start vectors from the global generator
+        vals, _ = h.eigenvalues(maxIter=100, tol=TOL_EIG, top_n=K_EIG)
+        return {"products": count[0], "converged": True, "top": sorted(vals, reverse=True)}
+
+    return run
+
+
 @dataclass
 class Method:
     key: str
@@ -262,18 +389,43 @@ METHODS = [
     Method("grad", "one gradient (loss.backward())", 0, lambda w, v, V, d: w.gradient),
     Method("H", "curvops Hessian @ v", 1, _product("Hessian", False), target="H"),
     Method("GGN", "curvops GGN @ v", 1, _product("GGN", False), target="GGN"),
+    Method("EF", "curvops EmpiricalFisher @ v", 1, _product("EmpiricalFisher", False)),
     Method("H16", f"curvops Hessian @ V[P,{BLOCK}], per column", BLOCK, _product("Hessian", True)),
     Method("eig", f"curvops eigsh top-{K_EIG} (tol {TOL_EIG:g})", 0, lambda w, v, V, d: _eigsh_curvops(w, d)),
+    Method("H.c", "curvops Hessian @ v, compiled", 1, _compiled_product("hessian", False, "H.c"), "compiled"),
+    Method("GGN.c", "curvops GGN @ v, compiled", 1, _compiled_product("ggn", False, "GGN.c"), "compiled"),
+    Method("H16.c", f"curvops Hessian @ V[P,{BLOCK}], per column, compiled", BLOCK,
+           _compiled_product("hessian", True, "H16.c"), "compiled"),
+    Method("eig.c", f"curvops eigsh top-{K_EIG} (tol {TOL_EIG:g}), compiled", 0,
+           lambda w, v, V, d: _eigsh_compiled(w, d), "compiled"),
     Method("cl.H", "curvlinops HessianLinearOperator @ v", 1, _cl_product("HessianLinearOperator", False),
            "curvlinops"),
     Method("cl.GGN", "curvlinops GGNLinearOperator @ v", 1, _cl_product("GGNLinearOperator", False), "curvlinops"),
+    Method("cl.EF", "curvlinops EFLinearOperator @ v", 1, _cl_product("EFLinearOperator", False), "curvlinops"),
     Method("cl.H16", f"curvlinops HessianLinearOperator @ V[P,{BLOCK}], per column", BLOCK,
            _cl_product("HessianLinearOperator", True), "curvlinops"),
     Method("cl.eig", f"curvlinops + scipy eigsh top-{K_EIG} (tol {TOL_EIG:g})", 0,
            lambda w, v, V, d: _eigsh_curvlinops(w, d), "curvlinops"),
+    Method("ph.H", "PyHessian dataloader_hv_product(v)", 1, _pyhessian_hv, "pyhessian"),
+    Method("ph.eig", f"PyHessian eigenvalues top-{K_EIG} (power iteration, tol {TOL_EIG:g})", 0,
+           lambda w, v, V, d: _pyhessian_eig(w, d), "pyhessian"),
 ]
 BY_KEY = {m.key: m for m in METHODS}
-ONCE = {"H16", "eig", "cl.H16", "cl.eig"}  # timed once (a block or a whole eigensolve)
+ONCE = {"H16", "eig", "H16.c", "eig.c", "cl.H16", "cl.eig", "ph.eig"}  # timed once (a block or a whole eigensolve)
+CHECKS = {"H.c": "H", "GGN.c": "GGN", "H16.c": "H16", "eig.c": "eig",  # compiled against eager
+          "H": "cl.H", "GGN": "cl.GGN", "EF": "cl.EF", "H16": "cl.H16", "eig": "cl.eig",  # curvops vs curvlinops
+          "ph.H": "H", "ph.eig": "eig"}  # PyHessian against curvops
+
+
+def selected(args) -> list[Method]:
+    keys = None if not args.methods else set(args.methods.split(","))
+    if keys is not None and not keys <= set(BY_KEY) | {"grad"}:
+        raise SystemExit(f"bench_real --methods: unknown keys {sorted(keys - set(BY_KEY))}; expected some of "
+                         f"{list(BY_KEY)}.")
+    skip = {"curvlinops": args.no_curvlinops, "compiled": args.no_compile, "pyhessian": args.no_pyhessian}
+    return [m for m in METHODS if m.key == "grad" or (
+        (keys is None or m.key in keys) and not skip.get(m.library, False)
+        and (m.key != "ph.eig" or args.pyhessian_eig or keys is not None))]
 
 
 # ---- measuring ---------------------------------------------------------------------------------
@@ -309,7 +461,7 @@ def measure(name: str, sizes: dict, args, device) -> dict:
     w = build(name, sizes, device)
     v, V = probes(w, device)
     timed = _timer(device)
-    methods = [m for m in METHODS if not (args.no_curvlinops and m.library == "curvlinops")]
+    methods = selected(args)
     rows: dict[str, dict] = {}
     runs: dict[str, Callable] = {}
     outputs: dict[str, object] = {}
@@ -347,11 +499,17 @@ def measure(name: str, sizes: dict, args, device) -> dict:
         row["ratio"] = row["seconds"] / grad_s / max(m.columns, 1)
         if isinstance(outputs.get(m.key), dict):
             row.update(outputs[m.key])
-    for a, b in (("H", "cl.H"), ("GGN", "cl.GGN"), ("H16", "cl.H16")):
+    for a, b in CHECKS.items():
+        if a not in rows or b not in rows:
+            continue
+        name = "rel_err_vs_" + ("eager" if a.endswith(".c") else BY_KEY[b].library)
         if isinstance(outputs.get(a), Tensor) and isinstance(outputs.get(b), Tensor):
-            rows[a]["rel_err_vs_curvlinops"] = rel_err(outputs[a], outputs[b])
-    if "top" in rows.get("eig", {}) and "top" in rows.get("cl.eig", {}):
-        rows["eig"]["rel_err_vs_curvlinops"] = rel_err(rows["eig"]["top"], rows["cl.eig"]["top"])
+            rows[a][name] = rel_err(outputs[a], outputs[b])
+        elif "top" in rows[a] and "top" in rows[b]:
+            rows[a][name] = rel_err(rows[a]["top"], rows[b]["top"])
+    for key, seconds in w.compile_s.items():
+        if key in rows and "error" not in rows[key]:
+            rows[key]["compile_s"] = seconds
     return {"sizes": sizes, "num_params": w.num_params, "gradient_s": grad_s, "rows": rows, "notes": w.notes}
 
 
@@ -435,7 +593,7 @@ def _time_cell(row: dict, key: str, name: str) -> str:
         return "fails: " + row["error"].replace("|", "/")
     if key == "grad":
         return f"{row['seconds'] * 1e3:.0f} ms"
-    if key in ("eig", "cl.eig"):
+    if key in ("eig", "cl.eig", "eig.c", "ph.eig"):
         conv = "" if row.get("converged", True) else ", not converged"
         return f"{row['seconds']:.1f} s, {row['products']} products ({row['ratio']:.0f}×{conv})"
     target = TARGETS.get(name, {}).get(BY_KEY[key].target or "")
@@ -475,15 +633,16 @@ def markdown(results: dict, meta: dict) -> str:
         cells += [_mem_cell(results[n]["rows"][m.key], m.key) if m.key in results[n]["rows"] else ""
                   for n in names]
         out.append("| " + " | ".join(cells) + " |")
-    checks = []
-    for n in names:
-        for key in ("H", "GGN", "H16", "eig"):
-            err = results[n]["rows"].get(key, {}).get("rel_err_vs_curvlinops")
-            if err is not None:
-                checks.append(f"{n} {key}: {err:.1e}")
-    if checks:
-        out += ["", "curvops vs curvlinops, ‖a − b‖/‖b‖ on the same probes (eigsh: the top-5 values): "
-                + "; ".join(checks)]
+    for what, field_ in (("curvops vs curvlinops", "rel_err_vs_curvlinops"), ("compiled vs eager", "rel_err_vs_eager"),
+                         ("PyHessian vs curvops", "rel_err_vs_curvops")):
+        checks = [f"{n} {key}: {row[field_]:.1e}" for n in names for key, row in results[n]["rows"].items()
+                  if row.get(field_) is not None]
+        if checks:
+            out += ["", f"{what}, ‖a − b‖/‖b‖ on the same probes (eigsh: the top-{K_EIG} values): " + "; ".join(checks)]
+    compiled = [f"{n} {key}: {row['compile_s']:.1f} s" for n in names for key, row in results[n]["rows"].items()
+                if "compile_s" in row]
+    if compiled:
+        out += ["", "first compiled call (tracing + compilation, not in the times above): " + "; ".join(compiled)]
     return "\n".join(out)
 
 
@@ -495,12 +654,18 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--full", action="store_true", help="the issue's sizes (GPT-2 small 8×128, ResNet-18 32×224²)")
     p.add_argument("--tiny", action="store_true", help="toy sizes: a smoke run (numbers meaningless)")
+    p.add_argument("--quick", action="store_true", help="small CPU sizes and 2 rounds: minutes on two cores")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workload", default="all", choices=["gpt2", "resnet", "all"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-curvlinops", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
+    p.add_argument("--no-pyhessian", action="store_true")
+    p.add_argument("--pyhessian-eig", action="store_true",
+                   help="PyHessian's top-10 power iteration (slow; default only with --quick/--tiny)")
+    p.add_argument("--methods", default=None, help="comma-separated method keys (default: all)")
     p.add_argument("--set", action="append", default=[], metavar="WORKLOAD.KEY=VALUE",
                    help="override one size, e.g. gpt2.vocab_size=50257")
     p.add_argument("--json", default=None)
@@ -512,7 +677,11 @@ def main(argv=None) -> dict:
         return {}
     if args.threads:
         torch.set_num_threads(args.threads)
-    mode = "full" if args.full else "tiny" if args.tiny else "cpu"
+    mode = "full" if args.full else "tiny" if args.tiny else "quick" if args.quick else "cpu"
+    if args.quick or args.tiny:
+        args.pyhessian_eig = True
+    if args.quick:
+        args.repeats = min(args.repeats, 2)
     sizes = copy.deepcopy(SIZES[mode])
     for item in args.set:
         key, _, value = item.partition("=")

@@ -26,15 +26,21 @@ def test_bench_real_gpt2_tiny(capsys):
     B = _bench()
     threads = torch.get_num_threads()
     try:
-        out = B.main(["--tiny", "--workload", "gpt2", "--repeats", "1", "--no-memory", "--threads", "1"])
+        out = B.main(["--tiny", "--workload", "gpt2", "--repeats", "1", "--no-memory", "--threads", "1",
+                      "--no-compile"])
     finally:
         torch.set_num_threads(threads)
     res = out["results"]["gpt2"]
     rows = res["rows"]
-    for key in ("grad", "H", "GGN", "H16", "eig"):
+    for key in ("grad", "H", "GGN", "EF", "H16", "eig"):
         assert "error" not in rows[key], rows[key]
         assert math.isfinite(rows[key]["ratio"]) and rows[key]["ratio"] > 0
-    assert rows["eig"]["converged"] and rows["eig"]["products"] >= 5
+    assert rows["eig"]["converged"] and rows["eig"]["products"] >= 10 and len(rows["eig"]["top"]) == 10
+    assert not any(key.endswith(".c") for key in rows)  # --no-compile
+    if importlib.util.find_spec("pyhessian") is not None:
+        # PyHessian's product is the same matrix times the same vector (its own plain double backward)
+        assert rows["ph.H"]["rel_err_vs_curvops"] < 1e-4
+        assert "error" not in rows["ph.eig"] and rows["ph.eig"]["products"] > 0
     assert res["num_params"] == sum(p.numel() for p in B.build("gpt2", B.SIZES["tiny"]["gpt2"], "cpu").model.parameters())
     if importlib.util.find_spec("curvlinops") is not None:
         # the same matrix in both libraries: the GGN products and the top eigenvalues agree
@@ -61,3 +67,26 @@ def test_bench_real_memory_child_and_resnet_size(capsys):
     res = {"rows": {"grad": {"mem_mb": 10.0}, "H": {"mem_mb": 25.0}}}
     B.memory_ratios(res)
     assert res["rows"]["H"]["mem_ratio"] == 2.5 and B._mem_cell(res["rows"]["H"], "H") == "25 MB (2.5× ✓)"
+
+
+@pytest.mark.slow
+def test_bench_real_compiled_column_tiny(capsys):
+    """The compiled rows at toy size: the compiled Hessian of GPT-2 (attention, LayerNorm, tied
+    embeddings) equals the eager one; its compilation is timed apart."""
+    import shutil
+
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("torch.compile's CPU backend needs a C++ compiler")
+    B = _bench()
+    threads = torch.get_num_threads()
+    try:
+        out = B.main(["--tiny", "--workload", "gpt2", "--repeats", "1", "--no-memory", "--threads", "1",
+                      "--methods", "H,H.c"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = out["results"]["gpt2"]["rows"]
+    assert set(rows) == {"grad", "H", "H.c"}
+    assert "error" not in rows["H.c"], rows["H.c"]
+    assert math.isfinite(rows["H.c"]["ratio"]) and rows["H.c"]["ratio"] > 0 and rows["H.c"]["compile_s"] > 0
+    assert rows["H.c"]["rel_err_vs_eager"] < 1e-5  # float32
+    assert "| curvops Hessian @ v, compiled |" in capsys.readouterr().out
