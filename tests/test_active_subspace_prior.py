@@ -355,3 +355,18 @@ def test_report_prior_option_parsing():
     for bad in ("around:", "around:-1", "around:nan", "around:x", "normal", 3):
         with pytest.raises(ValueError, match="--active-subspace-prior: expected"):
             parse_prior_option(bad)
+
+
+def test_report_prior_section_skips_what_it_cannot_hold(tmp_path, monkeypatch):
+    import importlib
+
+    from curvops.report.context import Skipped
+
+    AS = importlib.import_module("curvops.analysis.active_subspace")  # the package (the name is also a function)
+    from curvops.report.sections_model import SECTIONS
+
+    model, X, y = _problem()
+    monkeypatch.setattr(AS, "DEFAULT_MEMORY_BUDGET", 1000)  # N·P·8 bytes of G over half of it
+    with pytest.raises(Skipped, match=r"gradients of 35 parameters need .* select fewer parameters"):
+        SECTIONS["active_subspace_prior"](_report_context(tmp_path, model, X, y, {"active_subspace_prior":
+                                                                                  "standard_normal"}))

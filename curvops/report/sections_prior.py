@@ -7,8 +7,9 @@ Off unless asked: the section reads ``ctx.options["active_subspace_prior"]`` (de
 also when the context has no ``options``) and is skipped when it is off.  Its cost is budgeted by
 the active-subspace budgets: N = ``subspace_samples`` parameter draws (512; ``--quick`` 128), each
 a gradient of the loss on the first ``subspace_samples`` data samples (N gradients in vmapped
-chunks, one pass), then one top-k decomposition per sample size of the convergence evidence
-(k = ``subspace_k``, at most N/8).
+chunks, one pass, kept: N·P numbers, the section is skipped with the reason when they exceed 0.5 GiB),
+then one top-k decomposition per sample size of the convergence evidence (k = ``subspace_k``, at
+most N/8).
 """
 
 from __future__ import annotations
@@ -70,13 +71,18 @@ def _active_subspace_prior(ctx: Context) -> dict:
     if prior is None:
         raise Skipped(f"off (pass --active-subspace-prior {SPELLINGS.split(', ', 1)[1]})")
     try:
-        from ..analysis.active_subspace import active_subspace_convergence
+        from ..analysis.active_subspace import DEFAULT_MEMORY_BUDGET, active_subspace_convergence
     except ImportError as err:
         raise Pending(f"curvops.analysis.active_subspace is not available ({err})") from None
     b = ctx.budgets
-    x, y, n_data = ctx.first_samples(b.subspace_samples)
     P = ctx.num_params
     N = b.subspace_samples
+    need = N * P * torch.empty((), dtype=ctx.objective.dtype).element_size()
+    if need > DEFAULT_MEMORY_BUDGET // 2:  # kept G; the matrix-free path would redo the N gradients per product
+        raise Skipped(f"the {N} draws' gradients of {P:,} parameters need {need / 2**30:.2f} GiB, over the "
+                      f"{DEFAULT_MEMORY_BUDGET / 2**31:.1f} GiB the section may hold; select fewer parameters "
+                      f"(--params) to include it")
+    x, y, n_data = ctx.first_samples(b.subspace_samples)
     k = max(1, min(b.subspace_k, N // 8, P))
     sizes = _sizes(N, k)
     conv = active_subspace_convergence(ctx.model, ctx.loss, (x, y), prior=prior, num_samples=N, sample_sizes=sizes,

@@ -5,9 +5,17 @@ r"""``active_subspace(..., prior=...)``: the eigendecomposition of the prior act
 Factor F = G/√N (rows weighted by the bootstrap counts):
 
 * ``stored``: G in memory (chunked gradients written in place), then any dense algorithm;
-* ``streamed``: C = GᵀG/N accumulated chunk by chunk, G never held (all eigenpairs, P small);
+* ``streamed``: C = GᵀG/N accumulated chunk by chunk, G never held: all eigenpairs (``eigh``), or
+  the top-k by block Krylov on C when G does not fit the memory budget (``gram-krylov``: one
+  gradient pass, memory P² + one chunk, never N·P; eigenvalues to about ε·λ₁ absolutely, so the
+  top-k relative accuracy holds for λ_k ≳ ε·λ₁/tol — always for the flat spectra of these priors);
 * ``matfree``: products F V and Fᵀ U recompute the gradients chunk by chunk (one gradient pass
-  per product; memory chunk·P plus the Krylov basis) — the top-k path when N·P does not fit.
+  per product; memory chunk·P plus the Krylov basis) — the top-k path when neither N·P nor P² fits.
+
+Why not one pass with chunk-sized memory: a randomized range finder / Nyström sketch of C from one
+pass (C Ω accumulated chunk by chunk) does not reach 1e-6 on these flat spectra — at the seed's
+size (P = 5146, λ₂₀/λ₁ ≈ 0.72) a sketch of 2000 columns still errs by 1e-2 in the top-20
+(docs/active-subspace-prior.md); the top-k at ``tol`` needs G kept (Krylov SVD, the fastest) or C.
 """
 
 from __future__ import annotations
