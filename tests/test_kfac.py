@@ -696,3 +696,18 @@ def test_column_chunks_do_not_change_the_matrix(kind):
     for k in (1, 2):
         torch.testing.assert_close(curvops.EKFAC(model, kind, (X, y), max_columns=k).to_dense(), full,
                                    rtol=1e-12, atol=1e-15)
+
+
+def test_bf16_model_factors_in_float32():
+    """A bf16 model: factors accumulated and decomposed in float32, products returned in bf16, within a few
+    bf16 unit roundoffs (2⁻⁸) of the float64 operator."""
+    model = mlp()
+    X, y = data("mlp", "cross_entropy", n=32)
+    half = mlp().to(torch.bfloat16)
+    v = torch.randn(39, dtype=DT)
+    for cls in (curvops.KFAC, curvops.EKFAC):
+        ref, K = cls(model, "cross_entropy", (X, y), batch_size=8), cls(half, "cross_entropy", (X, y), batch_size=8)
+        out = K @ v.to(torch.bfloat16)
+        assert out.dtype == torch.bfloat16 and K.kron_factors()[0].A.dtype == torch.float32
+        assert rel((out.double())[:, None], (ref @ v)[:, None]) < 4 * 2**-8
+        assert abs(float(K.logdet(0.1)) - float(ref.logdet(0.1))) < 4 * 2**-8 * abs(float(ref.logdet(0.1)))

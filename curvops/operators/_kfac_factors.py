@@ -33,6 +33,12 @@ from ..objective import Batch
 from ._kfac_layers import LayerBlock, grad_rows, input_rows, with_bias_column
 from .fisher import _Likelihood
 
+def factor_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Factors of bf16/fp16 models are accumulated and kept in float32 (eigh has no half precision, and a
+    running sum in the format would add one rounding per batch); float32/float64 models keep their own."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 #: entries of the per-sample rotated gradients EKFAC forms at once (chunks of samples beyond it)
 EKFAC_CHUNK_ENTRIES = 2**24
 
@@ -195,7 +201,7 @@ def data_pass(op, on_input: Callable[[int, Tensor], None], on_grads: Callable[[i
 def kfac_factors(op) -> tuple[list[Tensor], list[Tensor]]:
     """(A, B) per layer: ``A = mean over rows of [a;1][a;1]ᵀ``, ``B = Σ g gᵀ / total`` (see KFAC)."""
     obj, blocks = op.objective, op.blocks
-    dt, dev = obj.dtype, obj.device
+    dt, dev = factor_dtype(obj.dtype), obj.device
     expand = op.kfac_approx == "expand"
 
     def run():
@@ -208,7 +214,7 @@ def kfac_factors(op) -> tuple[list[Tensor], list[Tensor]]:
             if blk.weight is None:  # a bias alone: A = [[1]]
                 counts[i] += 1
                 return
-            rows = input_rows(blk, obj.model.get_submodule(blk.module), x)
+            rows = input_rows(blk, obj.model.get_submodule(blk.module), x.to(dt))
             rows = rows.reshape(-1, rows.shape[-1]) if expand else rows.mean(1)
             d = blk.d_in
             A[i][:d, :d].addmm_(rows.T, rows)
@@ -220,7 +226,7 @@ def kfac_factors(op) -> tuple[list[Tensor], list[Tensor]]:
             counts[i] += rows.shape[0]
 
         def on_grads(i, g):
-            rows = grad_rows(blocks[i], g)
+            rows = grad_rows(blocks[i], g.to(dt))
             rows = rows.reshape(-1, rows.shape[-1]) if expand else rows.sum(2).reshape(-1, rows.shape[-1])
             B[i].addmm_(rows.T, rows)
 
@@ -247,7 +253,7 @@ def ekfac_eigenvalues(op, bases: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
     r"""EKFAC's corrected eigenvalues per layer, ``Λ[o, j] = Σ_{i,c} (q_B,oᵀ G_ic q_A,j)² / total`` [d_out, a_dim],
     with ``G_ic = Σ_t g_ict a_itᵀ`` the per-sample gradient of the layer's Θ for column c."""
     obj, blocks = op.objective, op.blocks
-    dt, dev = obj.dtype, obj.device
+    dt, dev = factor_dtype(obj.dtype), obj.device
     lams_like = lambda: [torch.zeros(b.d_out, b.a_dim, dtype=dt, device=dev) for b in blocks]  # noqa: E731
 
     def run():
@@ -258,14 +264,14 @@ def ekfac_eigenvalues(op, bases: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
             blk = blocks[i]
             QA = bases[i][0]
             if blk.weight is None:  # a bias alone: its per-sample gradient is Σ_t g_t (one row per sample)
-                rows = x.new_ones(x.shape[0], 1, 1)
+                rows = torch.ones(x.shape[0], 1, 1, dtype=dt, device=dev)
             else:
-                rows = with_bias_column(blk, input_rows(blk, obj.model.get_submodule(blk.module), x))
+                rows = with_bias_column(blk, input_rows(blk, obj.model.get_submodule(blk.module), x.to(dt)))
             rotated[i] = rows @ QA  # [n, T, a_dim]
 
         def on_grads(i, g):
             blk, QB = blocks[i], bases[i][1]
-            gr = grad_rows(blk, g) @ QB  # [k, n, T, d_out]
+            gr = grad_rows(blk, g.to(dt)) @ QB  # [k, n, T, d_out]
             a = rotated[i]
             if a.shape[1] == 1:  # one row per sample: (q_Bᵀ g)² (q_Aᵀ a)ᵀ² without forming G
                 lam[i].add_(torch.einsum("kno,ni->oi", gr.sum(2).square(), a[:, 0].square()))

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from . import tags as _tags
 from ._curvature import make_objective
-from ._kfac_factors import ekfac_eigenvalues, kfac_factors
+from ._kfac_factors import ekfac_eigenvalues, factor_dtype, kfac_factors
 from ._kfac_layers import find_blocks
 from .base import Operator
 from .fisher import _Likelihood
@@ -55,8 +55,9 @@ class _Kronecker(Operator):
     def _matmat_torch(self, V: Tensor) -> Tensor:
         out = torch.zeros_like(V)
         offsets = self.objective.layout.offsets()
+        dt = factor_dtype(V.dtype)  # bf16/fp16 models: the blocks in float32, the result in the model's dtype
         for i, blk in enumerate(self.blocks):
-            blk.from_matrix(self._block(i, blk.to_matrix(V, offsets)), out, offsets)
+            blk.from_matrix(self._block(i, blk.to_matrix(V, offsets).to(dt)), out, offsets)
         for s, e in self._skipped:
             rest = self._rest(V[s:e])
             if rest is not None:
@@ -275,7 +276,7 @@ class KFAC(_Kronecker):
     def _all_eigenvalues(self, damping: float) -> Tensor:
         lams = [self._spectrum(i)[1].reshape(-1) for i in range(len(self.blocks))]
         n_skip = sum(e - s for s, e in self._skipped)
-        lams.append(torch.zeros(n_skip, dtype=self.torch_dtype, device=self.device))
+        lams.append(torch.zeros(n_skip, dtype=lams[0].dtype, device=self.device))
         return torch.cat(lams) + damping
 
     def logdet(self, damping: float = 0.0) -> Tensor:
