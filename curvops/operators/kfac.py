@@ -99,9 +99,11 @@ class KFAC(_Kronecker):
     layers are zero.
 
     **Cost**: the factors come from one pass over the data at the first product (forward hooks
-    for ``A``; per batch one backward per column ``s_c``, batched), and again whenever the model's
-    parameters or buffers have changed (contract rule 9; :meth:`refresh` for new data).  A product
-    is then two small matrix products per layer.
+    for ``A``; per batch one backward per column ``s_c`` — C for a type-2 over C classes or outputs,
+    ``mc_samples`` for ``"mc"``, 1 for ``"empirical"`` — batched in chunks of ``max_columns``), and again
+    whenever the model's parameters or buffers have changed (contract rule 9; :meth:`refresh` for new
+    data).  A product is then two small matrix products per layer; memory O(Σ d_in² + d_out²).
+    With a process group the factor sums are all-reduced once per pass.
 
     **Tags**: symmetric, psd.
 
@@ -124,9 +126,11 @@ class KFAC(_Kronecker):
         **objective_kwargs: passed to :class:`~curvops.Objective` (``batch_size=``, ``params=``, …).
 
     Raises:
-        ValueError: a selected parameter outside a supported layer (named), unknown options, a loss
-            without a likelihood for ``"type-2"``/``"mc"``, a layer that runs twice in one forward.
-        TypeError: a plain-function model (KFAC needs the model's modules).
+        ValueError: at construction (before any pass): a selected parameter outside a supported layer or
+            shared by two modules (named), unknown ``layers=``, bad options, a loss without a likelihood
+            for ``"type-2"``/``"mc"`` (class weights, label smoothing, a callable: use ``"empirical"``).
+            During the factor pass: a layer that runs twice in one forward, or not at all.
+        TypeError: a plain-function model (KFAC needs the model's modules), a non-Generator ``generator``.
 
     Example:
         >>> import torch, curvops
