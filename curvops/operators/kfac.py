@@ -263,6 +263,11 @@ class KFAC(_Kronecker):
             alone and ``[[1.]]`` for a bias alone.  ``A`` is the mean of ``[a;1][a;1]ᵀ`` over rows (no
             loss scaling); ``B`` carries the loss normalization (docs/conventions.md).  The tensors are
             the operator's own; clone them before modifying.
+
+            Libraries that keep weight and bias in separate Kronecker blocks (laplace-torch's ``Kron``,
+            curvlinops with ``separate_weight_and_bias=True``) take the weight block
+            ``kron(B, A[:-1, :-1])`` and the bias block ``A[-1, -1] · B`` (``A[-1, -1] = 1``, the mean of
+            1·1) and drop the weight–bias cross block ``kron(B, A[:-1, -1:])`` that this operator keeps.
         """
         As, Bs = self._current()
         return [KronFactors(b.module, b.params, b.weight, b.bias, b.kind, A, B)
