@@ -711,3 +711,23 @@ def test_bf16_model_factors_in_float32():
         assert out.dtype == torch.bfloat16 and K.kron_factors()[0].A.dtype == torch.float32
         assert rel((out.double())[:, None], (ref @ v)[:, None]) < 4 * 2**-8
         assert abs(float(K.logdet(0.1)) - float(ref.logdet(0.1))) < 4 * 2**-8 * abs(float(ref.logdet(0.1)))
+
+
+def test_separate_weight_and_bias_blocks_from_the_records():
+    """The documented split (laplace-torch's Kron): kron(B, A[:-1, :-1]) for the weight, A[-1, -1]·B for the
+    bias equals curvlinops' separate_weight_and_bias=True operator."""
+    cl = _needs_curvlinops()
+    model = convnet()
+    X, y = data("conv", "cross_entropy")
+    loss = nn.CrossEntropyLoss()
+    P = sum(p.numel() for p in model.parameters())
+    ref = cl.KFACLinearOperator(model, loss, list(model.parameters()), [(X, y)], fisher_type="type-2",
+                                check_deterministic=False) @ torch.eye(P, dtype=DT)
+    dense = torch.zeros(P, P, dtype=DT)
+    for r in curvops.KFAC(model, loss, (X, y)).kron_factors():
+        idx = theta_index(model, r).reshape(r.B.shape[0], -1)
+        w, b = idx[:, :-1].reshape(-1), idx[:, -1]
+        dense[w[:, None], w[None, :]] = torch.kron(r.B, r.A[:-1, :-1])
+        dense[b[:, None], b[None, :]] = r.A[-1, -1] * r.B
+        assert float(r.A[-1, -1]) == pytest.approx(1.0, abs=1e-14)
+    assert rel(dense, ref) < 1e-10
