@@ -236,3 +236,16 @@ def test_operators_run_the_compiled_pass(setup):
     v = probes(H.shape[0])
     torch.testing.assert_close(H @ v, curvops.Hessian(eager) @ v, **TOL)
     assert H.last_path.startswith("compiled")
+
+
+def test_compile_refuses_a_process_group(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed without a default group")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="compile=True does not combine with a process group"):
+            curvops.Objective(tiny_model(), "cross_entropy", tiny_data(), distributed=True, compile=True)
+    finally:
+        dist.destroy_process_group()
