@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .._modes import product_mode
 from . import tags as _tags
-from .base import Operator
+from .base import MAX_DENSE_ENTRIES, Operator
 from .jacobian import Jacobian
 
 
@@ -67,6 +67,7 @@ class NTK(Operator):
         self.memory_budget = int(memory_budget)
         self.cache_features = cache_features
         self._cached = None  # (state versions, feats1, feats2) or (versions, None, None) if unfit
+        self._over_budget = False  # the features are factorizable but exceed memory_budget
 
     @property
     def objective(self):
@@ -76,14 +77,17 @@ class NTK(Operator):
         """(feats1, feats2) for the current parameters, or (None, None) when not factorizable."""
         from ._autodiff import functorch_ok
         if not functorch_ok(self.objective):
+            self._over_budget = False
             return None, None
         obj = self.objective
         if self._cached is not None and obj.state_matches(self._cached[0]):
             return self._cached[1], self._cached[2]
         stamp = obj.state_stamp() if self.cache_features else None
+        self._over_budget = False
         try:
             f1 = _features(self.J1, self.memory_budget)
             f2 = f1 if (f1 is None or self.J2 is self.J1) else _features(self.J2, self.memory_budget)
+            self._over_budget = f1 is None or f2 is None
         except _NotFactorizable:
             f1 = f2 = None
         except RuntimeError as err:  # torch.func refuses the model (a legacy autograd.Function): matrix-free
@@ -112,39 +116,132 @@ class NTK(Operator):
                 return _apply_features(f2, f1, W, self.J1.C)
         return self.J2._matmat_torch(self.J1._rmatmat_torch(W))
 
-    def to_dense(self, *, max_entries: int | None = None, chunk: int = 256) -> Tensor:
+    def to_dense(self, *, max_entries: int = MAX_DENSE_ENTRIES, chunk: int = 256) -> Tensor:
         """The kernel as a dense tensor [N₁C, N₂C], without forming per-sample Jacobians of linear layers.
 
         For every ``nn.Linear`` whose weight/bias are selected (and used by that module only), the
         Jacobian factorizes per sample: ∂f_ic/∂W = δ_ic a_iᵀ with a_i the layer's input and δ_ic =
         ∂f_ic/∂z_i the output's sensitivity to the layer's output z. So that layer's kernel is
         (a_i·a_j)(δ_ic·δ_jd) (+ δ_ic·δ_jd for the bias): one forward and C VJPs per batch collect
-        a and δ (N·(d_in + C·d_out) numbers per layer), and the kernel is two matrix products.
-        Remaining parameters get explicit Jacobian rows (N·C·P_rest numbers). If those features do
-        not fit in ``memory_budget`` bytes, or a layer is not a plain 2-D ``nn.Linear``, this falls
-        back to products with identity blocks (``chunk`` columns at a time: two passes each).
+        a and δ (N·(d_in + C·d_out) numbers per layer), and the kernel is two matrix products per
+        layer, accumulated into the output slice by slice of rows: the peak memory is the kernel
+        plus the features plus 1/16 of the kernel.  Remaining parameters get explicit Jacobian rows
+        (N·C·P_rest numbers).
+
+        When the features exceed ``memory_budget`` bytes, they are collected for groups of
+        consecutive batches that fit half the budget each, and the kernel is assembled block by
+        block (groups I × J; for K(X, X) only J ≥ I, mirrored): about r/2 times the feature cost
+        for r groups, the same memory bound.  Only a layer that is not a plain 2-D ``nn.Linear``,
+        a weight used outside its module, or a model torch.func refuses, falls back to products
+        with identity blocks (``chunk`` columns at a time: two passes each).
+
+        Raises:
+            ValueError: if the kernel has more than ``max_entries`` entries (default 2**26, as
+                :meth:`Operator.to_dense`); pass a larger ``max_entries`` when it fits in memory.
         """
         M, N = self.shape
-        if max_entries is not None and M * N > max_entries:
+        if M * N > max_entries:
+            nbytes = M * N * torch.empty((), dtype=self.torch_dtype).element_size()
             raise ValueError(
-                f"NTK.to_dense: the kernel has {M}×{N} = {M * N:,} entries, above max_entries={max_entries:,}."
+                f"NTK.to_dense: the kernel has {M}×{N} = {M * N:,} entries ({nbytes / 2**30:.2f} GiB in "
+                f"{self.torch_dtype}), above max_entries={max_entries:,}. Use products (K @ v) or matrix-free "
+                f"algorithms, or pass max_entries={M * N} if that much memory is free."
             )
         with product_mode():
             feats1, feats2 = self._features()
-        if feats1 is None:
-            return super().to_dense(max_entries=M * N, chunk=chunk)
-        C = self.J1.C
-        K = feats1.rest @ feats2.rest.T if feats1.rest is not None else torch.zeros(
-            M, N, dtype=self.torch_dtype, device=self.device)
-        for name, (a1, d1, has_w, has_b) in feats1.layers.items():
-            a2, d2, _, _ = feats2.layers[name]
-            D = d1.reshape(M, -1) @ d2.reshape(N, -1).T  # [N1·C, N2·C]: δ_ic · δ_jd
+            if feats1 is not None:
+                out = torch.empty(M, N, dtype=self.torch_dtype, device=self.device)
+                _kernel_into(out, feats1, feats2, self.J1.C)
+                return out
+            if self._over_budget:
+                try:
+                    return self._dense_by_groups()
+                except _NotFactorizable:  # found while collecting (a weight used outside its module)
+                    self._over_budget = False
+                except RuntimeError as err:  # torch.func refuses the model: matrix-free below
+                    from ._autodiff import refuses_functorch
+                    if not refuses_functorch(err):
+                        raise
+                    self._over_budget = False
+        return super().to_dense(max_entries=M * N, chunk=chunk)
+
+    def _dense_by_groups(self) -> Tensor:
+        """The kernel from features of batch groups that fit half of ``memory_budget`` each."""
+        C, (M, N) = self.J1.C, self.shape
+        symmetric = self.J2 is self.J1
+        groups1 = _batch_groups(self.J1, self.memory_budget // 2)
+        groups2 = groups1 if symmetric else _batch_groups(self.J2, self.memory_budget // 2)
+        out = torch.empty(M, N, dtype=self.torch_dtype, device=self.device)
+        for a, (sel1, r0, r1) in enumerate(groups1):
+            f1 = _features(self.J1, None, select=sel1)
+            for b, (sel2, c0, c1) in enumerate(groups2):
+                if symmetric and b < a:
+                    continue
+                f2 = f1 if (symmetric and a == b) else _features(self.J2, None, select=sel2)
+                block = out[r0 * C:r1 * C, c0 * C:c1 * C]
+                _kernel_into(block, f1, f2, C)
+                if symmetric and b > a:
+                    out[c0 * C:c1 * C, r0 * C:r1 * C] = block.T
+                del f2
+            del f1
+        self.last_dense_groups = len(groups1) * len(groups2)  # diagnostics: feature groups paired
+        return out
+
+
+def _kernel_into(out: Tensor, f1: "_Features", f2: "_Features", C: int) -> None:
+    """``out [n1·C, n2·C] = J₁ J₂ᵀ`` from features, layer by layer and slice by slice of rows (each
+    temporary at most 1/16 of ``out``, at least one sample's rows)."""
+    M, N = out.shape
+    n1, n2 = M // C, N // C
+    if f1.rest is not None:
+        out.zero_().addmm_(f1.rest, f2.rest.T)
+    else:
+        out.zero_()
+    step = max(1, n1 // 16)
+    for name, (a1, d1, has_w, has_b) in f1.layers.items():
+        a2, d2, _, _ = f2.layers[name]
+        d2f = d2.reshape(N, -1)  # rows (j, d): δ_jd
+        for s in range(0, n1, step):
+            e = min(s + step, n1)
+            D = d1[s:e].reshape((e - s) * C, -1) @ d2f.T  # [(e−s)·C, n2·C]: δ_ic · δ_jd
             if has_w:
-                A = a1 @ a2.T  # [N1, N2]: a_i · a_j
-                K += (D.view(-1, C, a2.shape[0], C) * A[:, None, :, None]).view(M, N)
-            if has_b:
-                K += D
-        return K
+                A = a1[s:e] @ a2.T  # [(e−s), n2]: a_i · a_j
+                if has_b:
+                    A += 1  # the bias adds δ_ic · δ_jd once more
+                D.view(e - s, C, n2, C).mul_(A[:, None, :, None])
+            out[s * C:e * C].add_(D)
+            del D
+
+
+def _batch_groups(J: Jacobian, budget: int) -> list:
+    """Consecutive batches whose features fit ``budget`` bytes (at least one batch per group):
+    ``[(batch indices, first sample, end sample)]``; one pass over the data, reading sizes only."""
+    per = _per_sample_bytes(J)
+    groups, current, start, count = [], set(), 0, 0
+    obj = J.objective
+    with obj.session():
+        for batch in obj.batches():
+            if current and (count + batch.n) * per > budget:
+                groups.append((current, start, start + count))
+                current, start, count = set(), start + count, 0
+            current.add(batch.index)
+            count += batch.n
+    if current:
+        groups.append((current, start, start + count))
+    return groups
+
+
+def _per_sample_bytes(J: Jacobian) -> int:
+    """Bytes of features per sample: a and δ of each factorized layer, Jacobian rows of the rest."""
+    obj = J.objective
+    plan, rest = _linear_plan(J)
+    numel = dict(zip(obj.layout.names, obj.layout.numels))
+    modules = dict(obj.model.named_modules()) if plan else {}
+    per = J.C * sum(numel[n] for n in rest)
+    for mname in plan:
+        m = modules[mname]
+        per += m.in_features + J.C * m.out_features
+    return per * torch.empty((), dtype=obj.dtype).element_size()
 
 
 def _apply_features(f1: "_Features", f2: "_Features", V: Tensor, C: int) -> Tensor:
@@ -207,20 +304,16 @@ def _linear_plan(J: Jacobian):
     return plan, rest
 
 
-def _features(J: Jacobian, budget: int) -> "_Features | None":
-    """Per-layer inputs a [N, d_in] and sensitivities δ [N, C, d_out], plus rest-Jacobian rows."""
+def _features(J: Jacobian, budget: int | None, select: set | None = None) -> "_Features | None":
+    """Per-layer inputs a [N, d_in] and sensitivities δ [N, C, d_out], plus rest-Jacobian rows; None
+    when they would exceed ``budget`` bytes (None: no limit).  ``select``: only the batches with
+    these indices (their samples in order)."""
     obj = J.objective
     plan, rest = _linear_plan(J)
-    C, Nn = J.C, J.N
-    itemsize = torch.empty((), dtype=obj.dtype).element_size()
-    numel = dict(zip(obj.layout.names, obj.layout.numels))
-    need = Nn * C * sum(numel[n] for n in rest)
-    modules = dict(obj.model.named_modules()) if plan else {}
-    for mname in plan:
-        m = modules[mname]
-        need += Nn * (m.in_features + C * m.out_features)
-    if need * itemsize > budget:
+    C = J.C
+    if budget is not None and J.N * _per_sample_bytes(J) > budget:
         return None
+    modules = dict(obj.model.named_modules()) if plan else {}
     from torch.func import vjp, vmap
 
     feats = _Features()
@@ -229,6 +322,8 @@ def _features(J: Jacobian, budget: int) -> "_Features | None":
     index = {n: i for i, n in enumerate(obj.layout.names)}
     with obj.session():
         for batch in obj.batches():
+            if select is not None and batch.index not in select:
+                continue
             theta = obj.theta()
             inputs: dict = {}
             hooks = [modules[name].register_forward_hook(
@@ -250,8 +345,8 @@ def _features(J: Jacobian, budget: int) -> "_Features | None":
                     h.remove()
             for name in plan:
                 a = inputs[name]
-                if a.dim() != 2:
-                    return None  # sequence-shaped inputs: the per-sample factorization differs
+                if a.dim() != 2:  # sequence-shaped inputs: the per-sample factorization differs
+                    raise _NotFactorizable(f"{name} sees inputs of shape {tuple(a.shape)}")
                 deltas0[name] = torch.zeros_like(rec[name])
             names = list(plan)
 
