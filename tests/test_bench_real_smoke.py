@@ -22,7 +22,7 @@ def _bench():
     return mod
 
 
-def test_bench_real_gpt2_tiny(capsys):
+def test_bench_real_gpt2_tiny(capsys, tmp_path):
     B = _bench()
     threads = torch.get_num_threads()
     try:
@@ -50,6 +50,13 @@ def test_bench_real_gpt2_tiny(capsys):
     table = capsys.readouterr().out
     assert "GPT-2 (1 layers, n_embd 16" in table and "| curvops Hessian @ v |" in table
     assert out["table"] in table
+    # the plot of the table (benchmarks/plot_real.py) from the same results
+    spec = importlib.util.spec_from_file_location("plot_real", ROOT / "benchmarks" / "plot_real.py")
+    plot_real = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_real)
+    png = plot_real.plot(json.loads(json.dumps({"meta": out["meta"], "results": out["results"]}, default=str)),
+                         str(tmp_path / "real.png"))
+    assert pathlib.Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_real_memory_child_and_resnet_size(capsys):
