@@ -67,7 +67,7 @@ class _Kronecker(Operator):
 
 def _sandwich(Q_B: Tensor, lam: Tensor, Q_A: Tensor, X: Tensor) -> Tensor:
     """``Q_B (Λ ⊙ (Q_Bᵀ X Q_A)) Q_Aᵀ`` for a block of columns X [d_out, a, K]."""
-    Y = torch.einsum("ji,jkv,kl->ilv", Q_B, X, Q_A) * lam[:, :, None]
+    Y = torch.einsum("ji,jkv,kl->ilv", Q_B, X, Q_A).mul_(lam[:, :, None])
     return torch.einsum("ij,jkv,lk->ilv", Q_B, Y, Q_A)
 
 
@@ -206,9 +206,7 @@ class KFAC(_Kronecker):
     # ---- factors ---------------------------------------------------------------------
     def refresh(self) -> None:
         """Recompute the factors now (one pass over the data; EKFAC: two), e.g. after the data changed."""
-        obj = self.objective
-        with obj.session():
-            stamp = obj.state_stamp()
+        stamp = [t.clone() for t in self._state()]
         self._factors = self._stamp = self._eig = None  # nothing stale survives a failed pass
         factors = kfac_factors(self)
         self._factors = factors
@@ -223,12 +221,24 @@ class KFAC(_Kronecker):
     def _after_refresh(self) -> None:
         pass
 
+    def _state(self) -> list[Tensor]:
+        model = self.objective.model
+        return [t.detach() for t in (*model.parameters(), *model.buffers())]
+
     def _current(self) -> tuple[list[Tensor], list[Tensor]]:
-        """The factors, recomputed first if the model changed (every public entry point calls this once;
-        the helpers below read the cached state without checking again)."""
-        if self._factors is None or not self.objective.state_matches(self._stamp):
+        """The factors, recomputed first if any parameter or buffer of the model changed value (compared
+        with a copy taken at the last pass, like every curvops cache; O(P), no pass over the data).
+        Every public entry point calls this once; the helpers below read the cached state."""
+        stamp = self._stamp
+        if self._factors is None or stamp is None or not self._same_state(stamp):
             self.refresh()
         return self._factors
+
+    def _same_state(self, stamp: list[Tensor]) -> bool:
+        now = self._state()
+        return len(now) == len(stamp) and all(
+            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+            for a, b in zip(now, stamp))
 
     def _eigen(self) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
         """(λ_A, Q_A, λ_B, Q_B) per layer (eigenvalues clamped at 0: the factors are PSD)."""
@@ -351,34 +361,34 @@ class _KroneckerInverse(_Kronecker):
         super().__init__(op.objective, op.blocks, tags=(_tags.PSD,))
         self.op, self.damping, self.pi_damping = op, damping, pi_damping
         self._skipped = op._skipped
-        self._pi_cache = None
+        self._cache = None
 
     @property
     def _name(self) -> str:
         return f"{self.op._api}.inverse"
 
-    def _pi_factors(self):
-        gen = self.op.generation
-        if self._pi_cache is None or self._pi_cache[0] != gen:
+    def _spectra(self) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """(Q_B, 1/(Λ + δ) [d_out, a], Q_A) per layer, cached until the factors are recomputed."""
+        if self._cache is None or self._cache[0] != self.op.generation:
             out = []
-            for la, QA, lb, QB in self.op._eigen():
-                ta, tb = la.mean(), lb.mean()
-                pi = torch.sqrt(ta / tb) if bool(ta > 0) and bool(tb > 0) else torch.ones_like(ta)
-                root = math.sqrt(self.damping)
-                out.append((QA, 1.0 / (la + pi * root), QB, 1.0 / (lb + root / pi)))
-            self._pi_cache = (self.op.generation, out)
-        return self._pi_cache[1]
+            for i, (la, QA, lb, QB) in enumerate(self.op._eigen()):
+                if self.pi_damping:
+                    ta, tb = la.mean(), lb.mean()
+                    pi = torch.sqrt(ta / tb) if bool(ta > 0) and bool(tb > 0) else torch.ones_like(ta)
+                    root = math.sqrt(self.damping)
+                    out.append((QB, (1.0 / (lb + root / pi))[:, None] * (1.0 / (la + pi * root))[None, :], QA))
+                else:
+                    QB, lam, QA = self.op._spectrum(i)
+                    out.append((QB, 1.0 / (lam + self.damping), QA))
+            self._cache = (self.op.generation, out)
+        return self._cache[1]
 
     def _matmat_torch(self, V: Tensor) -> Tensor:
         self.op._current()  # the factors of the model as it is now (recomputed if it changed)
         return super()._matmat_torch(V)
 
     def _block(self, i: int, X: Tensor) -> Tensor:
-        if self.pi_damping:
-            QA, ia, QB, ib = self._pi_factors()[i]
-            return _sandwich(QB, ib[:, None] * ia[None, :], QA, X)
-        QB, lam, QA = self.op._spectrum(i)
-        return _sandwich(QB, 1.0 / (lam + self.damping), QA, X)
+        return _sandwich(*self._spectra()[i], X)
 
     def _rest(self, V: Tensor) -> Tensor:
         return V / self.damping
