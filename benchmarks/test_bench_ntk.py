@@ -62,6 +62,14 @@ def test_ntk_explicit(benchmark, setup):
     assert K.shape == (2560, 2560)
 
 
+def test_ntk_explicit_grouped(benchmark, setup):
+    """Features over the memory budget: collected for groups of batches, the kernel block by block."""
+    w, X, g = setup
+    K = benchmark.pedantic(lambda: bench_ntk.explicit("curvops-grouped", w, X), rounds=2, warmup_rounds=0)
+    _ratio(benchmark, g)
+    torch.testing.assert_close(K, bench_ntk.explicit("curvops", w, X), rtol=1e-4, atol=1e-4)
+
+
 def test_ntk_curvlinops_composition(benchmark, setup):
     pytest.importorskip("curvlinops")
     w, X, g = setup

@@ -16,6 +16,7 @@ there, ≈1.4×: the issue's 20 % target is missed by XTrace).
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -79,3 +80,21 @@ def test_trace_flat_spectrum(benchmark):
     assert ratio["psd", "xnystrace", "sphere"] <= B.TARGET_FLAT
     for kind in ("psd", "indefinite"):
         assert ratio[kind, "xtrace", "sphere"] <= math.sqrt(2) * B.TARGET_FLAT
+
+
+def test_hutchinson_memory_does_not_grow_with_the_budget(benchmark):
+    """Probes are drawn one block at a time (issue 15): the peak of 400 products is that of 100."""
+    import subprocess
+    import sys
+
+    import bench_memory
+
+    def peak(row):
+        proc = subprocess.run([sys.executable, bench_memory.__file__, "--child", row], capture_output=True,
+                              text=True, check=True)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    rows = benchmark.pedantic(lambda: [peak("trace-hutchinson-100"), peak("trace-hutchinson-400")],
+                              rounds=1, iterations=1)
+    benchmark.extra_info.update({r["row"]: r["extra_peak_mb"] for r in rows})
+    assert rows[1]["extra_peak_mb"] <= 1.3 * rows[0]["extra_peak_mb"] + 20
