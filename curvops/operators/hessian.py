@@ -179,10 +179,11 @@ class Hessian(ScalarHessian):
 
     def _matmat_torch(self, V: Tensor) -> Tensor:
         cache = self._cache
-        cache.sync()  # drops the graphs when the model or the data changed since they were built
-        if cache.complete:
-            return kept_pass(self, V, self._kept_columns)
-        out = super()._matmat_torch(V)
+        with self.objective.session():  # one read of the model's state for the check and the product
+            cache.sync()  # drops the graphs when the model or the data changed since they were built
+            if cache.complete:
+                return kept_pass(self, V, self._kept_columns)
+            out = super()._matmat_torch(V)
         cache.pass_done()
         return out
 
