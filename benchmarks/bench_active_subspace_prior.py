@@ -15,7 +15,8 @@ Rows:
   through ``functional_call`` over chunks of draws (this file's own code, not curvops), G kept;
 * ``floor.loop``: the same by a Python loop of ``torch.autograd.grad`` over the first
   ``--loop-samples`` draws, scaled to N (the other plain method);
-* ``gradients``: curvops' ``prior_gradients`` (the gradient pass the estimators run);
+* ``gradients``: curvops' ``PriorGradientCovariance.gradients`` (the gradient pass the estimators run;
+  ``prior_gradients`` also returns the N×P draws);
 * ``top``: ``active_subspace(prior=..., k=20, tol=1e-6)`` with the default plan, plus the
   layer-mass summary (``layer_sensitivity``, both forms);
 * ``top.bounded``: the same forced onto the one-pass plan whose memory is bounded by P² + chunks,
@@ -114,7 +115,7 @@ def _loop_gradients(model, data, A, n: int) -> torch.Tensor:
 
 def run_row(key: str, num_samples: int, loop_samples: int) -> dict:
     """One row in this process: ``{seconds, mem_mb, values, vectors, note}``."""
-    from curvops.analysis.active_subspace import active_subspace, prior_gradients
+    from curvops.analysis.active_subspace import active_subspace
 
     model, data, A = build(num_samples)
     N, P = A.num_samples, A.shape[0]
@@ -131,8 +132,8 @@ def run_row(key: str, num_samples: int, loop_samples: int) -> dict:
         _loop_gradients(model, data, A, n)
         scale, note = N / n, f"autograd.grad loop over {n} draws, time × {N / n:g}"
     elif key == "gradients":
-        prior_gradients(model, "mse", data, **kw)
-        note = "curvops prior_gradients"
+        A.gradients()
+        note = "curvops PriorGradientCovariance.gradients (the estimators' gradient pass)"
     elif key == "top.bounded" and N <= P:
         note = "skipped: N ≤ P, C (P²) is no smaller than G (N·P)"
     elif key in ("top", "top.bounded"):
