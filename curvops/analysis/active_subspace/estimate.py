@@ -79,8 +79,10 @@ def active_subspace(model_or_objective, loss=None, data=None, *, g: str | Callab
     With ``prior=`` (``seeds/002`` as written) the average runs over ``num_samples`` *parameter*
     draws θ_j ∼ ρ at the fixed data set instead: C = (1/N) Σ_j ∇L(θ_j)∇L(θ_j)ᵀ with L the
     whole-data loss (:mod:`.prior`); ``sampler=`` (inputs x ∼ ρ) and ``prior=`` (parameters θ ∼ ρ)
-    exclude each other.  The same plans, bootstrap (over the draws) and result; ``"operator"``
-    recomputes the gradients in chunks on every product (memory chunk·P, not N·P).
+    exclude each other.  The same plans, bootstrap (over the draws) and result, plus one more
+    top-k snapshot plan, taken when G (N·P) does not fit ``memory_budget``: C accumulated chunk by
+    chunk in one pass and block Krylov on it (memory P² + one chunk; :mod:`.prior_estimate`);
+    ``"operator"`` recomputes the gradients in chunks on every product (memory chunk·P, not N·P).
 
     Bootstrap (``bootstrap=B``): B resamples of the kept samples with replacement (multinomial
     counts as weights), each decomposed the same way (Krylov warm-started from the estimate); the
