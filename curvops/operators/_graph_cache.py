@@ -281,8 +281,10 @@ class GraphCache:
         return entry
 
     def pass_done(self) -> None:
-        """After a product's pass over the data: were all its batches kept?"""
-        self.complete = self.enabled and not self.full and bool(self.entries)
+        """After a product's pass over the data: were all its batches kept?  (Half-precision models
+        keep the per-batch pass, whose sum over batches is in float32; autograd would sum in half.)"""
+        half = self.objective.dtype in (torch.bfloat16, torch.float16)
+        self.complete = self.enabled and not self.full and bool(self.entries) and not half
 
     def _estimate(self, first: int) -> None:
         n = _num_batches(self.objective)

@@ -16,6 +16,7 @@ _BATCHED, _LOOP = "reverse-over-reverse, batched columns", "reverse-over-reverse
 _SINGLE = "reverse-over-reverse, one column"
 _KEPT = ", kept graph"
 
+
 class ScalarHessian(CurvatureOperator):
     """Curvature operator whose batch term is the θ-Hessian of a per-batch scalar ``s_b(θ)``
     (the loss for :class:`Hessian`; ⟨u_b, f⟩ for output Hessians and the Hessian residual).
@@ -102,10 +103,12 @@ class Hessian(ScalarHessian):
     parameter-sized gradients are not held), up to ``max_graph_bytes`` — by default 25 % of the
     memory available when the graphs are built (free device memory on CUDA, ``MemAvailable`` on
     CPU), shared by all operators' automatic caches.  Batches beyond the budget are recomputed in
-    each product, and one warning says so.  The graphs are dropped whenever a parameter or buffer
-    of the model holds other values than when they were built (an optimizer step, ``p.data.mul_``,
-    ``p.data = …``, ``load_state_dict``: checked by value before every product, O(P)), or with
-    :meth:`clear_cache`.
+    each product, and one warning says so; when every batch is kept, a product is one double
+    backward through all the graphs and does not touch the data.  The graphs are dropped whenever a
+    parameter or buffer of the model holds other values than when they were built (an optimizer
+    step, ``p.data.mul_``, ``p.data = …``, ``load_state_dict``: checked by value before every
+    product, O(P)), when the data changed (a batch of the list replaced or appended, a data tensor
+    written in place), or with :meth:`clear_cache`.
 
     **Tags**: symmetric.
 
