@@ -200,6 +200,18 @@ def test_budget_keeps_some_batches_and_warns_once(name):
         OPS[name](model, "cross_entropy", views(X, y)) @ V
 
 
+def test_a_budget_too_small_for_one_batch_keeps_nothing():
+    model, (X, y) = _model(), _data()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        A = curvops.GGN(model, "cross_entropy", views(X, y), max_graph_bytes=1)
+        V = probes(A.shape[1], 2)
+        for _ in range(3):
+            close(A @ V, dense("GGN", model, X, y) @ V, "GGN with a budget of 1 byte")
+    assert len([w for w in caught if "kept graphs" in str(w.message)]) == 1
+    assert A.kept_batches == 0 and A.cache_bytes == 0 and A._cache.stamp is None  # no copy of the state held
+
+
 def test_accounting_charges_views_their_slice():
     # Batches sliced from one input tensor: each batch's graph costs the same whatever N is (the
     # old count charged each batch the whole storage, N² in total); clones of the same batches

@@ -285,6 +285,9 @@ class GraphCache:
         keep the per-batch pass, whose sum over batches is in float32; autograd would sum in half.)"""
         half = self.objective.dtype in (torch.bfloat16, torch.float16)
         self.complete = self.enabled and not self.full and bool(self.entries) and not half
+        if self.full and not self.entries:  # not even one batch fits: stop keeping (and the state copy)
+            self.clear()
+            self.enabled = False
 
     def _estimate(self, first: int) -> None:
         n = _num_batches(self.objective)
