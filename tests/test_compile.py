@@ -227,15 +227,14 @@ def test_stochastic_model_stays_eager():
     assert obj.compiled is None
 
 
-@pytest.mark.xfail(strict=True, reason="needs the operator hook (CurvatureOperator._matmat_torch → "
-                                       "objective.compiled.matmat), reported in issue 15 item 3")
 def test_operators_run_the_compiled_pass(setup):
     model, _, eager = setup
     X, y = tiny_data()
-    H = curvops.Hessian(model, "cross_entropy", (X, y), batch_size=4, compile=True)
-    v = probes(H.shape[0])
-    torch.testing.assert_close(H @ v, curvops.Hessian(eager) @ v, **TOL)
-    assert H.last_path.startswith("compiled")
+    v = probes(sum(p.numel() for p in model.parameters()))
+    for Op in (curvops.Hessian, curvops.GGN):
+        A = Op(model, "cross_entropy", (X, y), batch_size=4, compile=True)
+        torch.testing.assert_close(A @ v, Op(eager) @ v, **TOL)
+        assert A.last_path.startswith("compiled"), A.last_path
 
 
 def test_compile_refuses_a_process_group(tmp_path):

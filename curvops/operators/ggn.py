@@ -96,6 +96,15 @@ class GGN(OutputSpaceOperator):
             self._closed = None
         self._path_suffix = ", closed-form loss Hessian" if self._closed is not None else ""
 
+    def _matmat_torch(self, V: Tensor) -> Tensor:
+        compiled = self.objective.compiled  # Objective(compile=...): the compiled pass wins (opted in)
+        if compiled is not None:
+            out = compiled.matmat("ggn", V, self.max_columns)
+            if out is not None:  # None: not available for this model/shape, eager below
+                self.last_path = compiled.last_path
+                return out
+        return super()._matmat_torch(V)
+
     def _apply_closed(self, batch: Batch, out: Tensor, JV: Tensor) -> Tensor:
         obj, lik = self.objective, self._closed
         keep = kept_targets(obj.loss_kind, obj.loss_module, batch.y)  # ignore_index: those terms drop out

@@ -181,6 +181,12 @@ class Hessian(ScalarHessian):
             self.last_path += _KEPT
 
     def _matmat_torch(self, V: Tensor) -> Tensor:
+        compiled = self.objective.compiled  # Objective(compile=...): the compiled pass wins (opted in)
+        if compiled is not None:
+            out = compiled.matmat("hessian", V, self.max_columns)
+            if out is not None:  # None: not available for this model/shape, eager below
+                self.last_path = compiled.last_path
+                return out
         cache = self._cache
         with self.objective.session():  # one read of the model's state for the check and the product
             cache.sync()  # drops the graphs when the model or the data changed since they were built
