@@ -148,7 +148,7 @@ def diagonal(A, *, method: str = "xdiag", num_matvecs: int = 100, distribution: 
     if method == "hutchinson":  # one block of probes at a time, O(n) accumulators
         moments = _RowMoments(n, work, A.device)
         for start, stop, W in ProbeStream(n, m, **gen).blocks(default_step(A, block_size, m)):
-            moments.add(W.to(work) * _product(A, W, api, f"(probes {start}:{stop})").to(work))
+            moments.add((W * _product(A, W, api, f"(probes {start}:{stop})")).to(work))
             del W
         mean, stderr = moments.mean_stderr()
         return DiagonalResult(mean.to(A.torch_dtype), stderr.to(A.torch_dtype), m, "hutchinson")

@@ -215,7 +215,7 @@ def _hutchinson(A, m: int, block_size, gen: dict, api: str) -> TraceResult:
     samples = torch.empty(m, dtype=work, device=A.device)
     for start, stop, W in ProbeStream(n, m, **gen).blocks(default_step(A, block_size, m)):  # one block held
         Y = _product(A, W, api, f"(probes {start}:{stop})")
-        samples[start:stop] = (W.to(work) * Y.to(work)).sum(0)
+        samples[start:stop] = (W * Y).sum(0, dtype=work)  # one slice-sized temporary, summed in `work`
         del W, Y
     value, stderr = _mean_stderr(samples)
     return TraceResult(value, stderr, m, "hutchinson", samples)
@@ -370,7 +370,7 @@ def frobenius_norm(A, *, method: str = "hutch++", num_matvecs: int = 100, distri
         samples = torch.empty(m, dtype=work, device=A.device)
         for start, stop, W in ProbeStream(N, m, **gen).blocks(default_step(A, block_size, m)):
             Y = _product(A, W, api, f"(probes {start}:{stop})")
-            samples[start:stop] = (Y.to(work) ** 2).sum(0)
+            samples[start:stop] = (Y * Y).sum(0, dtype=work)
             del W, Y
         sq = TraceResult(*_mean_stderr(samples), m, "hutchinson", samples)
     else:
