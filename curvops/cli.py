@@ -49,6 +49,7 @@ SECTION_HELP = {
     "stationary": "minimum / maximum / saddle verdict at the current point",
     "ntk": "spectrum of the empirical NTK on the first inputs",
     "active_subspace": "active subspace of the per-sample loss gradients (bootstrap, per layer)",
+    "active_subspace_prior": "active subspace over parameter draws θ ~ prior (off unless --active-subspace-prior)",
     "landscape": "the loss along the top Hessian eigenvectors and on the plane of the top two",
     "architecture": "the network drawn as strips and blocks, with a table of its layers",
 }
@@ -105,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--batch-size", type=int, default=None, metavar="N", help="batch size for (X, y) data")
     rep.add_argument("--top-k", type=int, default=None, metavar="K", help="eigenpairs per spectrum (default 10)")
     rep.add_argument("--quick", action="store_true", help="a fast pass: fewer eigenpairs, coarser grids")
+    rep.add_argument("--active-subspace-prior", metavar="PRIOR", default="off",
+                     help="the active subspace over parameter draws: standard_normal or around:<sigma> "
+                          "(default: off)")
     rep.add_argument("--seed", type=int, default=0, help="seed of every randomized step (default 0)")
     rep.add_argument("--sections", metavar="NAMES", help="comma-separated sections to run (default: all)")
     rep.add_argument("--threads", type=int, default=None, metavar="N",
@@ -171,7 +175,12 @@ def _report(args) -> int:
     if args.dist_timeout is not None and not args.dist_timeout > 0:
         return _error(f"--dist-timeout: expected a positive number of seconds, got {args.dist_timeout}.")
     from .report.build import SECTIONS
+    from .report.sections_prior import parse_prior_option
 
+    try:
+        parse_prior_option(args.active_subspace_prior)
+    except ValueError as err:
+        return _error(f"--active-subspace-prior: {err}")
     sections = None
     if args.sections is not None:
         sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -255,7 +264,7 @@ def _run_ranks(args, sections, ranks) -> int:
         summary = build_report(model, loss, data, args.outdir, quick=args.quick, top_k=args.top_k, params=params,
                                progress=not args.no_progress, seed=args.seed, batch_size=batch_size,
                                strict=args.strict, source=source, sections=sections, warnings=warnings,
-                               distributed=ranks is not None)
+                               distributed=ranks is not None, active_subspace_prior=args.active_subspace_prior)
     except (ValueError, TypeError) as err:  # bad settings, raised before any heavy work (or strict)
         if args.strict:
             raise

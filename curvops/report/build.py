@@ -52,7 +52,7 @@ __all__ = ["SECTIONS", "Budgets", "build_report", "to_jsonable", "SUMMARY_FILE",
 
 #: section keys, in the order they run and appear
 SECTIONS = ("overview", "eigenvalues", "hessian_matrix", "density", "trace", "condition", "rank", "stationary",
-            "ntk", "active_subspace", "landscape", "architecture")
+            "ntk", "active_subspace", "active_subspace_prior", "landscape", "architecture")
 
 #: section name → function(ctx) -> dict of its results
 _SECTION_FUNCS = {**sections_model.SECTIONS, **sections_curvature.SECTIONS}
@@ -62,7 +62,7 @@ _SECTION_FUNCS = {name: _SECTION_FUNCS[name] for name in SECTIONS}
 def build_report(model, loss, data, outdir, *, quick: bool = False, top_k: int | None = None, params=None,
                  progress: bool = True, seed: int = 0, batch_size: int | None = None, strict: bool = False,
                  source: dict | None = None, sections=None, warnings=None, distributed: bool = False,
-                 process_group=None) -> dict:
+                 process_group=None, active_subspace_prior: str = "off") -> dict:
     r"""Measure a model's curvature and write a report directory; return the summary.
 
     Writes to ``outdir`` (created if needed): ``index.html`` (self-contained: inline CSS, no
@@ -111,7 +111,12 @@ def build_report(model, loss, data, outdir, *, quick: bool = False, top_k: int |
         batch_size: split ``(X, y)`` into batches of this size.
         strict: re-raise the first section error instead of recording it.
         source: free-form description of where model and data came from (recorded).
-        sections: run only these sections (default all; ``"overview"`` always runs).
+        sections: run only these sections (default all but ``"active_subspace_prior"`` when that is
+            off; ``"overview"`` always runs).
+        active_subspace_prior: the optional active subspace over parameter draws
+            (:mod:`~curvops.report.sections_prior`): ``"off"`` (default), ``"standard_normal"`` or
+            ``"around:<sigma>"`` (θ ~ N(θ₀, σ²I)).  Asked for by name in ``sections`` while off,
+            the section is recorded as skipped with the reason.
         warnings: sentences to show at the top of the report (e.g. "the weights are untrained");
             stored in ``summary["warnings"]`` before those about failed sections.
         distributed, process_group: run on the ranks of ``torch.distributed`` (``distributed=True``:
@@ -141,7 +146,11 @@ def build_report(model, loss, data, outdir, *, quick: bool = False, top_k: int |
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    wanted = list(SECTIONS) if sections is None else ["overview"] + [s for s in sections if s != "overview"]
+    from .sections_prior import OFF, parse_prior_option
+
+    prior_off = parse_prior_option(active_subspace_prior) is None  # a bad value fails here, before any work
+    default = [s for s in SECTIONS if not (prior_off and s == "active_subspace_prior")]
+    wanted = default if sections is None else ["overview"] + [s for s in sections if s != "overview"]
     unknown = [s for s in wanted if s not in SECTIONS]
     if unknown:
         raise ValueError(f"build_report: expected sections among {list(SECTIONS)}, got unknown {unknown}.")
@@ -156,6 +165,7 @@ def build_report(model, loss, data, outdir, *, quick: bool = False, top_k: int |
         progress = progress and ranks.rank == 0
     ctx = Context(model, loss, data, params=params, batch_size=batch_size, budgets_kw=dict(quick=quick, top_k=top_k),
                   seed=seed, outdir=str(outdir), strict=strict, progress=progress, ranks=ranks)
+    ctx.options = {"active_subspace_prior": active_subspace_prior if not prior_off else OFF}
     writer = ctx.rank == 0  # under torch.distributed only rank 0 writes
     if writer:
         os.makedirs(outdir, exist_ok=True)
@@ -163,6 +173,7 @@ def build_report(model, loss, data, outdir, *, quick: bool = False, top_k: int |
         "title": "curvops curvature report",
         "environment": environment(ctx.device, ctx.objective.dtype, ranks),
         "settings": {"quick": bool(quick), "seed": seed, "batch_size": batch_size,
+                     "active_subspace_prior": str(active_subspace_prior),
                      "params": None if params is None else list(ctx.objective.layout.names),
                      "generator": "each randomized call: torch.Generator(device).manual_seed(seed)",
                      "budgets": asdict(ctx.budgets)},
