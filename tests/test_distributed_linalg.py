@@ -82,8 +82,13 @@ def _worker(rank: int, port: int, outdir: str) -> None:
         obj = curvops.Objective(_model(), "cross_entropy", data, batch_size=5, distributed=True)
         result["seeded"] = _results(obj, _model(), data, batch_size=5, distributed=True)
         result["unseeded"] = _unseeded(obj)
-        result["data_active_subspace"] = active_subspace(_model(), "cross_entropy", data, k=3, batch_size=5,
-                                                         distributed=True).eigenvalues
+        try:
+            active_subspace(_model(), "cross_entropy", data, k=3, batch_size=5, distributed=True)
+            result["data_active_subspace"] = "no error"
+        except ValueError as err:
+            result["data_active_subspace"] = str(err)
+        cov = curvops.GradientCovariance(_model(), "cross_entropy", data, batch_size=5, distributed=True)
+        result["data_covariance_eigsh"] = curvops.eigsh(cov, k=3, generator=0).eigenvalues
         result["prior_group"] = PriorGradientCovariance(_model(), "cross_entropy", data, num_samples=2, batch_size=5,
                                                         distributed=True).process_group is not None
     except Exception:  # noqa: BLE001 - reported through the file
@@ -144,19 +149,22 @@ def test_the_results_are_not_trivial(reference):
     assert float(reference["minres"].norm()) > 0.1
 
 
-@pytest.mark.xfail(strict=True, reason="PriorGradientCovariance does not carry its objective's process_group "
-                                       "(curvops/analysis/active_subspace/prior.py), so linalg on it with "
-                                       "generator=None draws rank-local probes")
 def test_prior_covariance_carries_the_process_group(ranks):
     assert ranks[0]["prior_group"] and ranks[1]["prior_group"]
 
 
-@pytest.mark.xfail(strict=True, reason="active_subspace over the data (no prior=) decomposes the rank's own per-sample "
-                                       "factor: with distributed=True each rank silently gets its shard's subspace "
-                                       "(curvops/analysis/active_subspace; measured 0.719 on rank 0 and 0.909 on "
-                                       "rank 1 against 0.702 for the whole data)")
-def test_data_active_subspace_is_the_whole_data_one(ranks):
+def test_data_active_subspace_is_refused_on_every_rank_and_the_operator_route_is_exact(ranks):
+    """active_subspace over data samples would decompose each rank's shard (measured 0.719 / 0.909 on the
+    two ranks against 0.702 for the whole data): it is refused before any pass, on every rank, and the
+    route the message names — eigsh on the distributed GradientCovariance — gives the whole data's values."""
+    for r in range(WORLD):
+        msg = ranks[r]["data_active_subspace"]
+        assert msg.startswith("active_subspace: the active subspace over data samples is not data-parallel"), msg
+        assert "GradientCovariance(model, loss, data, distributed=True)" in msg
     X, y = _data()
     ref = active_subspace(_model(), "cross_entropy", (X, y), k=3).eigenvalues
+    ref = ref.flip(0) if ref[0] > ref[-1] else ref  # eigsh: ascending
     for r in range(WORLD):
-        torch.testing.assert_close(ranks[r]["data_active_subspace"], ref, rtol=RTOL, atol=RTOL)
+        got = ranks[r]["data_covariance_eigsh"]
+        torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-8 * float(ref.abs().max()))
+    torch.testing.assert_close(ranks[0]["data_covariance_eigsh"], ranks[1]["data_covariance_eigsh"], rtol=0, atol=0)

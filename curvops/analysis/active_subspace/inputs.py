@@ -98,8 +98,16 @@ def _covariance(model_or_objective, loss, data, g, sampler, num_samples, weights
         raise ValueError(f"{api}: num_samples applies to draws only — of inputs x ~ ρ (sampler=) or of parameters "
                          f"θ ~ ρ (prior=); to use part of the data pass subset= (got num_samples={num_samples!r} "
                          f"with neither).")
-    return GradientCovariance(model_or_objective, loss, data, g=g, weights=weights, center=center, subset=subset,
-                              classes=classes, **kwargs)
+    cov = GradientCovariance(model_or_objective, loss, data, g=g, weights=weights, center=center, subset=subset,
+                             classes=classes, **kwargs)
+    if cov.objective.process_group is not None:  # before any pass: the same error on every rank
+        raise ValueError(
+            f"{api}: the active subspace over data samples is not data-parallel: on torch.distributed each "
+            f"rank would decompose only its own shard's per-sample gradients. Run it on one process over the "
+            f"whole data, or take the eigenvalues with curvops.eigsh(GradientCovariance(model, loss, data, "
+            f"distributed=True), k=...), whose products sum over the ranks; prior= (parameter draws over the "
+            f"whole data loss) is data-parallel.")
+    return cov
 
 
 def _check_k(k, N: int, P: int, api: str) -> None:

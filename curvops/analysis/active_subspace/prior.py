@@ -190,7 +190,8 @@ def gradient_chunks(obj: Objective, draws: _Draws, chunk_size: int | None) -> It
         theta0 = _flat_theta(obj) if draws.prior.kind == "around" else None
         for s in range(0, draws.N, chunk):
             Theta = draws.rows(s, min(draws.N, s + chunk), theta0)
-            yield obj.accumulate(lambda b: fn(Theta, b)).detach()
+            # with the shape, a rank whose shard is empty still joins the all-reduce
+            yield obj.accumulate(lambda b: fn(Theta, b), (Theta.shape[0], obj.num_params)).detach()
 
 
 class PriorGradientCovariance(Operator):
@@ -243,6 +244,7 @@ class PriorGradientCovariance(Operator):
         P = obj.num_params
         super().__init__((P, P), obj.dtype, obj.device, tags=(_tags.PSD,), domain=obj.layout, range=obj.layout)
         self.objective, self.prior, self.num_samples, self.chunk_size = obj, spec, N, chunk_size
+        self.process_group = obj.process_group  # linalg draws rank-consistent probes on a distributed operator
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         self.draws = _Draws(spec, N, obj, gen, api)
 
