@@ -181,9 +181,15 @@ def test_flat_spectrum_against_hutchinson():
 def test_error_estimates_of_xtrace_are_calibrated():
     lam = 0.9 ** torch.arange(200, dtype=DT)
     op = curvops.Dense(designed(lam), tags=("psd",))
-    z = [(trace(op, method="xtrace", num_matvecs=30, generator=gen(s)).value - float(lam.sum()))
-         / trace(op, method="xtrace", num_matvecs=30, generator=gen(s)).stderr for s in range(60)]
-    assert 0.2 < np.mean(np.square(z)) < 5.0
+    # z = (estimate − truth) / stated stderr.  Over 1500 seeds mean z² = 2.74 ± 0.13 (XTrace's error
+    # estimate is somewhat optimistic on this spectrum) with a heavy tail, so 60 seeds gave a sample
+    # mean anywhere in ~[1.5, 5.5]; with 300 seeds its standard error is ≈ 0.3, and the bounds below
+    # sit > 7 standard errors from 2.74 (a stderr off by 2× would move the mean by 4× and fail).
+    z = []
+    for s in range(300):
+        res = trace(op, method="xtrace", num_matvecs=30, generator=gen(s))
+        z.append((res.value - float(lam.sum())) / res.stderr)
+    assert 0.5 < np.mean(np.square(z)) < 5.0
 
 
 def test_hutchpp_beats_hutchinson_on_decaying_spectrum():
