@@ -432,6 +432,16 @@ def test_errors():
         random_direction(nn.BatchNorm1d(3).to(DT).eval())
 
 
+def test_random_direction_takes_an_int_seed_like_linalg():
+    model, _, _ = mlp()
+    a = random_direction(model, generator=3)
+    b = random_direction(model, generator=torch.Generator().manual_seed(3))
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=0)
+    with pytest.raises(TypeError, match="expected a torch.Generator or an int seed, got str"):
+        random_direction(model, generator="3")
+
+
 def test_result_is_a_dataclass_with_cpu_values():
     res = loss_along(lambda w: (w ** 2).sum(), w0=torch.ones(3, dtype=DT), direction=torch.ones(3, dtype=DT),
                      metrics={"norm": lambda w: w.norm()})

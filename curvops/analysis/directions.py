@@ -156,7 +156,8 @@ def random_direction(model_or_objective, *, kind: str = "filter", generator: tor
             :class:`~curvops.Objective` or a curvature operator (its selected parameters), a tensor
             (e.g. ``w0`` of a function ``f(w)``) or a dict of tensors.
         kind: ``"filter"`` or ``"gaussian"``.
-        generator: ``torch.Generator`` for reproducibility (the global generator when None).
+        generator: ``torch.Generator`` for reproducibility, or an int seed (as the linalg functions
+            take it: ``torch.Generator().manual_seed(seed)``); the global generator when None.
         ignore_bias_bn: zero the parameters of ≤ 1 dimension (default: True for ``"filter"``,
             False for ``"gaussian"``).
         params: parameter selection for an ``nn.Module``, as in :class:`~curvops.Objective`.
@@ -177,8 +178,10 @@ def random_direction(model_or_objective, *, kind: str = "filter", generator: tor
     api = "random_direction"
     if kind not in ("filter", "gaussian"):
         raise ValueError(f"{api}: expected kind 'filter' or 'gaussian', got {kind!r}.")
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        generator = torch.Generator().manual_seed(generator)
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"{api}: expected a torch.Generator, got {type(generator).__name__}.")
+        raise TypeError(f"{api}: expected a torch.Generator or an int seed, got {type(generator).__name__}.")
     names, shapes, values, dtype, device = _geometry_of(model_or_objective, api, params)
     P = sum(int(np.prod(s, dtype=np.int64)) for s in shapes)
     where = generator.device if generator is not None else device
