@@ -47,6 +47,31 @@ class _DenseRows:
             Z = Z - self.mu[:, None] * Us.sum(0)[None]
         return Z
 
+    def gram_matmat(self, X: Tensor, rows: int = 1024) -> Tensor:
+        """``FᵀF X`` (= C X) with one read of G: row chunks of G stay in cache for both products.
+
+        Two separate products F X and Fᵀ(·) read the N×P G twice, and for the few columns of a
+        Krylov block that read, not the flops, bounds them (float64 GEMM with 30 columns runs at
+        about a quarter of the machine's rate on the 2-core CPU).
+        """
+        self.num_matvecs += 2 * X.shape[1]
+        out = torch.zeros(self.shape[1], X.shape[1], dtype=X.dtype, device=X.device)
+        muX = (self.mu @ X) if self.mu is not None else None
+        colsum = X.new_zeros(X.shape[1]) if self.mu is not None else None
+        d2 = self.d.square()
+        for r0 in range(0, self.shape[0], rows):
+            Gc = self.G[r0:r0 + rows]
+            Y = Gc @ X
+            if muX is not None:
+                Y -= muX[None]
+            Y.mul_(d2[r0:r0 + rows, None])
+            out.addmm_(Gc.T, Y)
+            if colsum is not None:
+                colsum += Y.sum(0)
+        if colsum is not None:
+            out -= self.mu[:, None] * colsum[None]
+        return out
+
     def dense(self) -> Tensor:
         """F explicitly, without its zero rows (a copy)."""
         nz = self.d > 0

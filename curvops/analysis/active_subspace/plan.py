@@ -30,7 +30,8 @@ class _Plan:
     def description(self) -> str:
         return {
             ("stored", "svd"): "thin SVD of F (G in memory)",
-            ("stored", "krylov"): "block Krylov SVD of F (G in memory)",
+            ("stored", "krylov"): "block Krylov on F (G in memory; N ≥ P and small k: Lanczos on FᵀF, one read of G "
+                                  "per product)",
             ("stored", "eigh"): "eigh of C = FᵀF (G in memory)",
             ("stored", "gram"): "eigh of the sample Gram matrix FFᵀ (G in memory)",
             ("streamed", "eigh"): "eigh of C accumulated chunk by chunk (G not kept)",
