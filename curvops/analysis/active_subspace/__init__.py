@@ -21,8 +21,9 @@ relative accuracy (products with C lose everything below ε·λ₁).  Two ways t
 
 * **snapshot**: G in memory (chunked ``vmap(grad)``, one pass), then a thin SVD of F (small
   problems, or all eigenpairs), an eigendecomposition of C accumulated chunk by chunk without
-  keeping G (all eigenpairs of a large problem), or a block Krylov SVD of F from dense products
-  (top-k: a few block products with G instead of a P×P eigendecomposition);
+  keeping G (all eigenpairs of a large problem), or a block Krylov method on G (top-k: a few
+  block products with G instead of a P×P eigendecomposition — block Lanczos on C = FᵀF with one
+  read of G per product when N ≥ P and k is small, the block Krylov SVD of F otherwise);
 * **operator**: the matrix-free :class:`~curvops.operators.covariance.GradientFactor` (a
   forward-mode pass for F V, a reverse-mode pass for Fᵀ U) with the same block Krylov SVD: memory
   O((N + P)·basis), no N×P matrix.

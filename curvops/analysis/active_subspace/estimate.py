@@ -71,7 +71,8 @@ def active_subspace(model_or_objective, loss=None, data=None, *, g: str | Callab
     a thin SVD of F (min(N, P) ≤ 2048 for all eigenpairs, ≤ 256 for top-k), the eigendecomposition
     of C accumulated chunk by chunk without keeping G (all eigenpairs, larger problems), the
     eigendecomposition of the sample Gram matrix FFᵀ (all eigenpairs, N < P), or a block Krylov
-    SVD of F from dense products (top-k).  ``"operator"`` never forms G: a block Krylov SVD of the
+    method on the G in memory (top-k: block Lanczos on C = FᵀF whose products read G once, for
+    N ≥ P and a small k; the block Krylov SVD of F otherwise).  ``"operator"`` never forms G: a block Krylov SVD of the
     matrix-free factor (top-k), or C densified from P products (all eigenpairs).  ``"auto"`` takes
     the first snapshot plan whose memory estimate fits ``memory_budget``, else the operator path.
     Both paths give the same eigenpairs (to ``tol``).
