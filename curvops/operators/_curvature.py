@@ -120,6 +120,19 @@ class CurvatureOperator(Operator):
             return obj.normalize(out, total).to(V.dtype)
 
 
+def compiled_product(op: CurvatureOperator, kind: str, V: Tensor) -> Tensor | None:
+    """``Objective(compile=...)``'s compiled pass for ``kind`` ("hessian", "ggn"), or None when the
+    objective has none or it is not available for this model/shape (the caller runs eagerly).
+    The compiled pass wins over kept graphs: the user opted in."""
+    compiled = op.objective.compiled
+    if compiled is None:
+        return None
+    out = compiled.matmat(kind, V, op.max_columns)
+    if out is not None:
+        op.last_path = compiled.last_path
+    return out
+
+
 def kept_pass(op: CurvatureOperator, V: Tensor, columns: Callable[[list[Tensor]], list[Tensor]]) -> Tensor:
     """A product when every batch's graph is kept (``op._cache.complete``): no pass over the data;
     ``columns(Vs) -> Σ_b w_b (batch term) Vs`` per chunk of columns, then the usual reduction over

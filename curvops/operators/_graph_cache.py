@@ -307,3 +307,24 @@ class GraphCache:
             f"{self.owner}: kept graphs: {what} (budget from {origin}). The other batches are recomputed in "
             f"every product: exact, but slower. Pass a larger max_graph_bytes= to keep more, or "
             f"keep_graphs=False to keep none and silence this.", stacklevel=_stacklevel())
+
+
+class KeptGraphsMixin:
+    """The public face of an operator's :class:`GraphCache` (``self._cache``), shared by the
+    Hessian and the output-space operators (GGN, Fisher, EmpiricalFisher)."""
+
+    _cache: GraphCache
+
+    def clear_cache(self) -> None:
+        """Drop the kept graphs (frees their memory)."""
+        self._cache.clear()
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes held by kept graphs (0 when none are kept)."""
+        return self._cache.nbytes
+
+    @property
+    def kept_batches(self) -> int:
+        """How many batches' graphs are kept."""
+        return len(self._cache.entries)

@@ -29,7 +29,7 @@ from torch import Tensor
 from ..objective import Batch
 from . import _autodiff
 from ._curvature import CurvatureOperator, kept_pass, output_space, zeros_for_none
-from ._graph_cache import GraphCache
+from ._graph_cache import GraphCache, KeptGraphsMixin
 
 KEPT_PATH = "double-VJP J and reverse-mode Jᵀ on the kept graph (torch.autograd)"
 
@@ -83,7 +83,7 @@ def kept_products(entry, Vs: list[Tensor], apply_M: Callable[[Tensor, Tensor], T
             for j, t in enumerate(theta)], False
 
 
-class OutputSpaceOperator(CurvatureOperator):
+class OutputSpaceOperator(KeptGraphsMixin, CurvatureOperator):
     """Base of :class:`~curvops.GGN`, :class:`~curvops.Fisher` and :class:`~curvops.EmpiricalFisher`:
     per batch ``Jᵀ M_b J`` with ``M_b`` from ``_apply_M(batch, out, JV)``, on kept graphs when the
     :class:`~curvops.operators._graph_cache.GraphCache` keeps them, else recomputed per product."""
@@ -99,20 +99,6 @@ class OutputSpaceOperator(CurvatureOperator):
 
     def _apply_M(self, batch: Batch, out: Tensor, JV: Tensor) -> Tensor:
         raise NotImplementedError
-
-    def clear_cache(self) -> None:
-        """Drop the kept graphs (frees their memory)."""
-        self._cache.clear()
-
-    @property
-    def cache_bytes(self) -> int:
-        """Bytes held by kept graphs (0 when none are kept)."""
-        return self._cache.nbytes
-
-    @property
-    def kept_batches(self) -> int:
-        """How many batches' graphs are kept."""
-        return len(self._cache.entries)
 
     def _give_up_keeping(self) -> None:
         cache = self._cache

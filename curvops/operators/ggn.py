@@ -8,7 +8,7 @@ from torch import Tensor
 from .._losses import kept_targets
 from ..objective import Batch
 from . import tags as _tags
-from ._curvature import make_objective
+from ._curvature import compiled_product, make_objective
 from ._output_graphs import OutputSpaceOperator
 from .fisher import _Likelihood
 
@@ -97,13 +97,8 @@ class GGN(OutputSpaceOperator):
         self._path_suffix = ", closed-form loss Hessian" if self._closed is not None else ""
 
     def _matmat_torch(self, V: Tensor) -> Tensor:
-        compiled = self.objective.compiled  # Objective(compile=...): the compiled pass wins (opted in)
-        if compiled is not None:
-            out = compiled.matmat("ggn", V, self.max_columns)
-            if out is not None:  # None: not available for this model/shape, eager below
-                self.last_path = compiled.last_path
-                return out
-        return super()._matmat_torch(V)
+        out = compiled_product(self, "ggn", V)
+        return out if out is not None else super()._matmat_torch(V)
 
     def _apply_closed(self, batch: Batch, out: Tensor, JV: Tensor) -> Tensor:
         obj, lik = self.objective, self._closed

@@ -9,8 +9,8 @@ from torch import Tensor
 
 from ..objective import Batch, Objective
 from . import tags as _tags
-from ._curvature import CurvatureOperator, kept_pass, make_objective, zeros_for_none
-from ._graph_cache import GraphCache
+from ._curvature import CurvatureOperator, compiled_product, kept_pass, make_objective, zeros_for_none
+from ._graph_cache import GraphCache, KeptGraphsMixin
 
 _BATCHED, _LOOP = "reverse-over-reverse, batched columns", "reverse-over-reverse, column loop"
 _SINGLE = "reverse-over-reverse, one column"
@@ -81,7 +81,7 @@ class ScalarHessian(CurvatureOperator):
         self.last_path = _SINGLE if K == 1 else _LOOP
 
 
-class Hessian(ScalarHessian):
+class Hessian(KeptGraphsMixin, ScalarHessian):
     r"""Hessian of the loss over the whole data set.
 
     .. math:: H = \nabla^2_\theta L(\theta) \in \mathbb{R}^{P \times P}
@@ -147,20 +147,6 @@ class Hessian(ScalarHessian):
         self.keep_graphs = keep_graphs
         self._cache = GraphCache("Hessian", objective, keep_graphs, max_graph_bytes)
 
-    def clear_cache(self) -> None:
-        """Drop the kept gradient graphs (frees their memory)."""
-        self._cache.clear()
-
-    @property
-    def cache_bytes(self) -> int:
-        """Bytes held by kept gradient graphs (0 when none are kept)."""
-        return self._cache.nbytes
-
-    @property
-    def kept_batches(self) -> int:
-        """How many batches' graphs are kept."""
-        return len(self._cache.entries)
-
     def _scalar(self, batch: Batch, theta) -> Tensor:
         obj = self.objective
         return obj.loss(obj.forward(theta, batch.x), batch.y, batch.index)
@@ -181,12 +167,9 @@ class Hessian(ScalarHessian):
             self.last_path += _KEPT
 
     def _matmat_torch(self, V: Tensor) -> Tensor:
-        compiled = self.objective.compiled  # Objective(compile=...): the compiled pass wins (opted in)
-        if compiled is not None:
-            out = compiled.matmat("hessian", V, self.max_columns)
-            if out is not None:  # None: not available for this model/shape, eager below
-                self.last_path = compiled.last_path
-                return out
+        out = compiled_product(self, "hessian", V)
+        if out is not None:
+            return out
         cache = self._cache
         with self.objective.session():  # one read of the model's state for the check and the product
             cache.sync()  # drops the graphs when the model or the data changed since they were built
