@@ -150,10 +150,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    outdir = str(tmp_path_factory.mktemp("distributed"))
-    ctx = mp.spawn(_worker, args=(_free_port(), outdir), nprocs=WORLD, join=False)
+def spawn_ranks(worker, outdir: str) -> list[dict]:
+    """Run ``worker(rank, port, outdir)`` on WORLD processes; each saves ``rank{r}.pt`` (a dict, with
+    "crash" holding a traceback if it failed). Hung workers are killed after JOIN_TIMEOUT."""
+    ctx = mp.spawn(worker, args=(_free_port(), outdir), nprocs=WORLD, join=False)
     for p in ctx.processes:
         p.join(JOIN_TIMEOUT)
     alive = [p for p in ctx.processes if p.is_alive()]
@@ -164,6 +164,11 @@ def ranks(tmp_path_factory):
     for r, res in enumerate(out):
         assert "crash" not in res, f"rank {r} crashed:\n{res['crash']}"
     return out
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return spawn_ranks(_worker, str(tmp_path_factory.mktemp("distributed")))
 
 
 @pytest.fixture(scope="module")

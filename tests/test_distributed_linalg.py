@@ -21,12 +21,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import curvops
 from curvops.analysis import active_subspace
 from curvops.analysis.active_subspace import PriorGradientCovariance
-from test_distributed import JOIN_TIMEOUT, N, SPLIT, WORLD, _data, _free_port, _model
+from test_distributed import N, SPLIT, WORLD, _data, _model, spawn_ranks
 
 RTOL = 1e-9
 
@@ -102,18 +101,7 @@ def _worker(rank: int, port: int, outdir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    outdir = str(tmp_path_factory.mktemp("distributed_linalg"))
-    ctx = mp.spawn(_worker, args=(_free_port(), outdir), nprocs=WORLD, join=False)
-    for p in ctx.processes:
-        p.join(JOIN_TIMEOUT)
-    alive = [p for p in ctx.processes if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, f"distributed workers hung for more than {JOIN_TIMEOUT} s"
-    out = [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
-    for r, res in enumerate(out):
-        assert "crash" not in res, f"rank {r} crashed:\n{res['crash']}"
-    return out
+    return spawn_ranks(_worker, str(tmp_path_factory.mktemp("distributed_linalg")))
 
 
 @pytest.fixture(scope="module")
