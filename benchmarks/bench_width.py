@@ -13,23 +13,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import statistics
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import curvops
 import workloads as W
-
-
-def _median(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from methods import median_seconds
 
 
 def _profile(fn, repeats: int = 2) -> collections.Counter:
@@ -62,14 +52,14 @@ def run(width: int, samples: int) -> None:
     for op in ops.values():
         op @ v  # builds the kept graphs
     gradient()
-    g = _median(gradient)
+    g = median_seconds(gradient)
     print(f"# width {width}: P = {v.numel()}, one gradient {g * 1e3:.0f} ms")
     pg = _profile(gradient)
     total_g = sum(pg.values())
     mm = ("aten::mm", "aten::addmm")
     print(f"  gradient: matrix products {sum(pg[k] for k in mm) / total_g:.2f} of it")
     for name, op in ops.items():
-        ratio = _median(lambda: op @ v) / g
+        ratio = median_seconds(lambda: op @ v) / g
         ph = _profile(lambda: op @ v)
         top = ", ".join(f"{k} {t / total_g:.2f}" for k, t in sorted(ph.items(), key=lambda kv: -kv[1])[:5])
         print(f"  {name}: {ratio:.2f} gradients; profiled {sum(ph.values()) / total_g:.2f}, matrix products "

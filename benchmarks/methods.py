@@ -13,6 +13,8 @@ so their products are the same matrix times the same vector.
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -196,6 +198,16 @@ def probe_for(method: Method, v: Tensor, V: Tensor) -> Tensor:
     return V if method.columns == BLOCK else v
 
 
+def median_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def kept_at_scale(n: int = 32768, batch_size: int = 256, budget: int = 2**30, repeats: int = 3) -> dict:
     """Issue 15, cost problem 1: the MLP workload at N = ``n`` split into views of one input tensor.
 
@@ -204,8 +216,6 @@ def kept_at_scale(n: int = 32768, batch_size: int = 256, budget: int = 2**30, re
     Returns the batches kept, the counted bytes, whether a budget warning fired, and the Hessian
     product with kept graphs as a ratio to one gradient (medians over ``repeats``, same process).
     """
-    import statistics
-    import time
     import warnings
 
     import workloads as W
@@ -222,12 +232,7 @@ def kept_at_scale(n: int = 32768, batch_size: int = 256, budget: int = 2**30, re
     grad()
 
     def median(fn) -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return median_seconds(fn, repeats)
 
     g = median(grad)
     return {"batches": len(w.batches), "kept_batches": op.kept_batches, "cache_mb": op.cache_bytes / 2**20,
