@@ -228,6 +228,10 @@ def _run(args, sections) -> int:
         if owned:
             import torch.distributed as dist
 
+            try:  # every rank done with its last collective before any tears the group down
+                dist.barrier()
+            except RuntimeError:
+                pass  # a rank already failed: its error is what the user sees
             dist.destroy_process_group()
 
 
