@@ -47,12 +47,14 @@ class _DenseRows:
             Z = Z - self.mu[:, None] * Us.sum(0)[None]
         return Z
 
-    def gram_matmat(self, X: Tensor, rows: int = 1024) -> Tensor:
+    def gram_matmat(self, X: Tensor, rows: int = 128) -> Tensor:
         """``FᵀF X`` (= C X) with one read of G: row chunks of G stay in cache for both products.
 
         Two separate products F X and Fᵀ(·) read the N×P G twice, and for the few columns of a
         Krylov block that read, not the flops, bounds them (float64 GEMM with 30 columns runs at
-        about a quarter of the machine's rate on the 2-core CPU).
+        about a quarter of the machine's rate on the 2-core CPU).  Chunks of 128 rows (5 MB at
+        P = 5146) stay in the L3 cache between the two products: top-20 Lanczos at the seed's size
+        1.00 s against 1.13 s with 1024 rows.
         """
         self.num_matvecs += 2 * X.shape[1]
         out = torch.zeros(self.shape[1], X.shape[1], dtype=X.dtype, device=X.device)
@@ -181,17 +183,44 @@ def _gram_edges(P: int, blocks: int = 4) -> list[int]:
     return [0, P] if P < 512 else [round(P * i / blocks) for i in range(blocks + 1)]
 
 
+def _syrk(dtype: torch.dtype):
+    """scipy's BLAS ``?syrk`` for a CPU float32/float64 C, else None (then blocked GEMMs)."""
+    try:
+        from scipy.linalg import blas
+    except ImportError:  # pragma: no cover - scipy is a runtime dependency
+        return None
+    return {torch.float64: blas.dsyrk, torch.float32: blas.ssyrk}.get(dtype)
+
+
 def _add_gram(C: Tensor, A: Tensor) -> None:
-    """C += AᵀA on the diagonal blocks and the blocks above them (about 5/8 of a full product)."""
+    """C += AᵀA on the upper triangle of C (and possibly more; :func:`_finish_gram` mirrors it).
+
+    On the CPU one BLAS ``syrk`` (N·P² flops, half a full product; measured 2.9 s against 5.7 s
+    for ``Gᵀ @ G`` at N = 10 000, P = 5146 on 2 cores); elsewhere GEMMs on the diagonal blocks and
+    the blocks above them (about 5/8 of a full product).
+    """
+    syrk = _syrk(C.dtype) if C.device.type == "cpu" and A.dtype == C.dtype and C.is_contiguous() else None
+    if syrk is not None and A.shape[0] > 0:
+        # row-major C is the column-major Cᵀ = C: syrk's lower triangle of (column-major) AᵀA is the
+        # upper triangle of the row-major C; a row-major A [n, P] is the column-major Aᵀ [P, n]
+        Cf = C.numpy().T
+        out = syrk(1.0, A.contiguous().numpy().T, beta=1.0, c=Cf, trans=0, lower=1, overwrite_c=1)
+        if out.ctypes.data != Cf.ctypes.data:  # pragma: no cover - f2py copied (it does not for an F-contiguous C)
+            Cf[...] = out
+        return
     edges = _gram_edges(C.shape[0])
     for a, b in zip(edges[:-1], edges[1:]):
         C[a:b, a:].addmm_(A[:, a:b].T, A[:, a:])
 
 
-def _finish_gram(C: Tensor, mu: Tensor | None) -> Tensor:
-    """Mirror the blocks above the diagonal blocks (in place); subtract μμᵀ for a centred C."""
-    edges = _gram_edges(C.shape[0])
-    for a, b in zip(edges[:-1], edges[1:]):
+def _finish_gram(C: Tensor, mu: Tensor | None, rows: int = 256) -> Tensor:
+    """Mirror the upper triangle onto the lower one (in place, a band of rows at a time); subtract
+    μμᵀ for a centred C."""
+    P = C.shape[0]
+    for a in range(0, P, rows):
+        b = min(P, a + rows)
+        D = C[a:b, a:b]
+        D.copy_(D.triu() + D.triu(1).T)
         C[b:, a:b] = C[a:b, b:].T
     if mu is not None:
         C.addr_(mu, mu, alpha=-1)

@@ -33,6 +33,8 @@ and normalized like the loss; ``chunk_size`` draws at a time bound the memory.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -47,7 +49,29 @@ from ...operators.base import Operator
 
 #: rows per block of built-in prior draws (each block from its own seed)
 DRAW_BLOCK = 256
+#: at most this many threads generate draw blocks at once
+_MAX_DRAW_THREADS = 8
 PRIORS = ("standard_normal", ("around", "σ"), "sampler(n, generator) -> Tensor[n, P]")
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _draw_pool() -> ThreadPoolExecutor:
+    """The threads that draw prior blocks (made once; a forked child makes its own)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(_MAX_DRAW_THREADS, thread_name_prefix="curvops-draws")
+    return _POOL
+
+
+def _forget_pool() -> None:
+    global _POOL
+    _POOL = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 @dataclass(frozen=True)
@@ -128,29 +152,43 @@ class _Draws:
                              f"{out.dtype}{' with NaN/Inf' if out.is_floating_point() else ''}.")
         return out.detach().to(dtype=self.dtype, device=self.device)
 
-    def _block(self, b: int) -> Tensor:
-        if self._cache is not None and self._cache[0] == b:
-            return self._cache[1]
+    def _generate(self, b: int, out: Tensor | None = None) -> Tensor:
+        """Block b (CPU), into ``out`` (a contiguous ``[rows, P]``) when given."""
         rows = min(DRAW_BLOCK, self.N - b * DRAW_BLOCK)
         gen = torch.Generator().manual_seed(int(self.seeds[b]))
-        Z = torch.randn(rows, self.P, generator=gen, dtype=self.dtype).to(self.device)
-        self._cache = (b, Z)
-        return Z
+        return torch.randn(rows, self.P, generator=gen, dtype=self.dtype, out=out)
 
     def rows(self, start: int, stop: int, theta0: Tensor | None = None) -> Tensor:
-        """Draws ``start … stop − 1`` as ``[stop − start, P]`` (θ₀ = the model's current flat parameters)."""
+        """Draws ``start … stop − 1`` as ``[stop − start, P]`` (θ₀ = the model's current flat parameters).
+
+        Whole blocks are drawn straight into the output, several at once on up to
+        ``torch.get_num_threads()`` threads (torch's float64 normal sampler runs on one thread: at
+        the seed's size 0.9 s of the 3 s of plain gradients); each block has its own generator, so
+        the rows are the same whatever the order, the threads or the chunk size.  A block cut by
+        ``start``/``stop`` is drawn whole and kept for the next call.
+        """
         if self.held is not None:
             return self.held[start:stop]
-        parts, s = [], start
-        while s < stop:
-            b = s // DRAW_BLOCK
-            e = min(stop, (b + 1) * DRAW_BLOCK)
-            parts.append(self._block(b)[s - b * DRAW_BLOCK:e - b * DRAW_BLOCK])
-            s = e
-        Z = parts[0] if len(parts) == 1 else torch.cat(parts)
+        Z = torch.empty(stop - start, self.P, dtype=self.dtype)
+        whole, cut = [], []
+        for b in range(start // DRAW_BLOCK, (stop - 1) // DRAW_BLOCK + 1):
+            lo, hi = b * DRAW_BLOCK, min(self.N, (b + 1) * DRAW_BLOCK)
+            (whole if start <= lo and hi <= stop else cut).append((b, lo, hi))
+        for b, lo, hi in cut:
+            if self._cache is None or self._cache[0] != b:
+                self._cache = (b, self._generate(b))
+            a, e = max(start, lo), min(stop, hi)
+            Z[a - start:e - start] = self._cache[1][a - lo:e - lo]
+        workers = min(len(whole), torch.get_num_threads(), _MAX_DRAW_THREADS)
+        if workers > 1:
+            list(_draw_pool().map(lambda t: self._generate(t[0], Z[t[1] - start:t[2] - start]), whole))
+        else:
+            for b, lo, hi in whole:
+                self._generate(b, Z[lo - start:hi - start])
+        Z = Z.to(self.device)
         if self.prior.kind == "around":
             return theta0[None] + self.prior.scale * Z
-        return Z.clone() if len(parts) == 1 else Z
+        return Z
 
     def all(self) -> Tensor:
         """All N draws ``[N, P]`` (N·P memory)."""
@@ -163,8 +201,15 @@ def _flat_theta(obj: Objective) -> Tensor:
 
 
 def default_chunk_size(P: int) -> int:
-    """Draws per vmapped chunk: about 2²² gradient entries, 1 … 1024 draws."""
-    return max(1, min(1024, 2**22 // max(1, P)))
+    """Draws per vmapped chunk: at most 2²² gradient entries and 1024 draws; when that leaves at
+    least one draw block, rounded down to a power of two times :data:`DRAW_BLOCK` (whole blocks,
+    drawn two or four at once).  At the seed's size (P = 5146): 512 draws — measured 35 % faster
+    than 815 (the vmapped workspace stays in cache) and 10 % faster than 768 (three blocks on two
+    threads wait for the third)."""
+    c = max(1, min(1024, 2**22 // max(1, P)))
+    if c < DRAW_BLOCK:
+        return c
+    return DRAW_BLOCK * 2 ** int(math.log2(c // DRAW_BLOCK))
 
 
 def _batch_gradients(obj: Objective) -> Callable:

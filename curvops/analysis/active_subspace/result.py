@@ -37,7 +37,9 @@ class ActiveSubspaceResult:
         converged: whether every eigenpair met ``tol`` (always true for dense factorizations).
         residuals: ``[k]`` relative residuals ‖Fᵀu_i − σ_i v_i‖ / σ_i of the singular triplets
             (the relative eigenvalue error is at most about twice this), or ``None`` (dense).
-        timings: seconds: ``"gradients"``, ``"decomposition"``, ``"bootstrap"``, ``"total"``.
+        timings: seconds: ``"gradients"``, ``"decomposition"``, ``"bootstrap"``, ``"total"``, and
+            ``"covariance"`` (forming C chunk by chunk, part of ``"decomposition"``) for the prior
+            estimator's streamed plans.
         memory_estimate: bytes the chosen plan was estimated to need (the ``memory_budget`` check).
         bootstrap: number of bootstrap replicates (0: none, and the fields below are ``None``).
         confidence: level of the percentile intervals.

@@ -25,6 +25,8 @@ def _decompose_and_summarize(factor, plan, k, *, streamed: bool, tol, generator,
     if streamed:
         timings["gradients"] += factor.gradient_seconds
         timings["decomposition"] -= factor.gradient_seconds
+    if getattr(factor, "covariance_seconds", 0.0):
+        timings["covariance"] = factor.covariance_seconds  # forming C: part of "decomposition"
     lam, W = dec.eigenvalues, dec.eigenvectors
     boot: dict = {}
     start = time.perf_counter()
