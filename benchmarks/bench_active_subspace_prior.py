@@ -195,7 +195,9 @@ def _split(res) -> str:
 
 def _bounded_budget(N: int, P: int) -> int:
     """A memory budget that holds C (P²) and the chunks but not G (N·P): forces the one-pass plan."""
-    return int(min(N * P * 8 - 1, 1.5 * P * P * 8 + 64 * 2**20 + 3 * 815 * P * 8))
+    from curvops.analysis.active_subspace.prior import default_chunk_size
+
+    return int(min(N * P * 8 - 1, 1.5 * P * P * 8 + 64 * 2**20 + 3 * default_chunk_size(P) * P * 8))
 
 
 def _peak_rss_mb() -> float:

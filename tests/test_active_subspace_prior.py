@@ -434,3 +434,27 @@ def test_all_eigenvalues_with_several_gram_updates_match_naive(monkeypatch):
     assert "G not kept" in res.algorithm and res.timings["covariance"] > 0
     lam, _ = _naive_eig(_naive_gradients(model, "mse", X, y, prior.calls[0]))
     torch.testing.assert_close(res.eigenvalues, lam[:P], rtol=0, atol=1e-12 * float(lam[0]))
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_gram_lanczos_with_the_diagonal_start_matches_dense(center):
+    """Stored G, N ≥ P, small k: block Lanczos on FᵀF from a diag(C)-scaled start block — the exact
+    diag(C) (centred too), and the top-k of the dense C, also with a coordinate whose gradient is
+    always zero (diagonal 0: the start keeps a floor in every direction) and k beyond the others."""
+    from curvops.analysis.active_subspace.eigenpairs import _decompose
+    from curvops.analysis.active_subspace.factors import _DenseRows
+
+    gen = torch.Generator().manual_seed(4)
+    N, P, k = 400, 120, 6
+    G = torch.randn(N, P, generator=gen, dtype=D) * torch.logspace(0, -2, P, dtype=D)[None]
+    G[:, 7] = 0
+    w = torch.rand(N, generator=gen, dtype=D) + 0.5
+    f = _DenseRows(G, w, center)
+    p = w / w.sum()
+    F = (G - (p @ G)[None]) if center else G
+    C = F.T @ (F * p[:, None])
+    torch.testing.assert_close(f.gram_diagonal(rows=37), C.diagonal(), rtol=1e-12, atol=1e-15)
+    dec = _decompose(f, "krylov", k, tol=1e-10, generator=torch.Generator().manual_seed(0), vectors=True)
+    lam, W = torch.linalg.eigh(C)
+    torch.testing.assert_close(dec.eigenvalues, lam.flip(0)[:k], rtol=1e-9, atol=0)
+    assert float(subspace_distance(dec.eigenvectors, W.flip(1)[:, :k])) < 1e-7

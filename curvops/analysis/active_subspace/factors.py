@@ -74,6 +74,16 @@ class _DenseRows:
             out -= self.mu[:, None] * colsum[None]
         return out
 
+    def gram_diagonal(self, rows: int = 1024) -> Tensor:
+        """diag(FᵀF) = diag(C) in row chunks (no N×P temporary)."""
+        out = torch.zeros(self.shape[1], dtype=self.dtype, device=self.device)
+        d2 = self.d.square()
+        for r0 in range(0, self.shape[0], rows):
+            out.addmv_(self.G[r0:r0 + rows].square().T, d2[r0:r0 + rows])
+        if self.mu is not None:
+            out.sub_(self.mu.square()).clamp_min_(0)
+        return out
+
     def dense(self) -> Tensor:
         """F explicitly, without its zero rows (a copy)."""
         nz = self.d > 0
