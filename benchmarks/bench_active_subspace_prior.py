@@ -28,13 +28,15 @@ Rows:
 * ``naive.values``: the plain gradients (as ``floor``), C = GᵀG/N, ``eigvalsh``;
 * ``naive``: the same with ``eigh`` (all eigenpairs; the dense reference of the top-20 rows).
 
-All rows use the same N draws (the built-in prior's blocks, regenerated from the same generator).
+The curvops rows and the reference rows (``naive*``, ``floor.given``) use the same N draws (the
+built-in prior's blocks, regenerated from the same generator); ``floor`` draws its own, as a user would.
 Accuracy: the top-20 eigenvalues (max relative error) and the top-20 subspace distance against
 ``naive``; all eigenvalues (max |Δλ| / λ₁) against it too.  Targets (issue 13): ``top`` ≤ 1.25×
 the floor at 1e-6; ``values`` ≤ 2× the floor; ``top.bounded`` holds no N·P array: its peak memory
 (P² + one vmapped chunk's workspace, independent of N) below the floor's, which holds G.  The
-vmapped chunk's workspace (815 draws × 100 points × 5 layers of activations, about 0.7 GB) is the
-largest term of every row's memory; ``chunk_size`` trades it for speed (256 draws: about 20 % slower).
+vmapped chunk's workspace (512 draws × 100 points × 5 layers of activations) is the largest term of
+every row's memory.  Every row imports ``torch._dynamo`` before the clock (the first
+``torch.func.grad`` of a process imports it: 1.3 s once, not gradient work).
 """
 
 from __future__ import annotations

@@ -262,7 +262,8 @@ class PriorGradientCovariance(Operator):
             -> Tensor[n, P]`` (flat selected parameters, layout order).
         num_samples: N, the number of parameter draws.
         generator: the random source of the draws (default ``torch.Generator().manual_seed(0)``).
-        chunk_size: draws per vmapped chunk (default about 2²² gradient entries).
+        chunk_size: draws per vmapped chunk (default: at most 2²² gradient entries, whole draw
+            blocks; :func:`default_chunk_size`).
 
     Raises:
         ValueError, TypeError: a bad prior, num_samples or chunk_size; a sampler returning the
