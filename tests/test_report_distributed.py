@@ -140,10 +140,17 @@ def spawned(workdir):
 @pytest.fixture(scope="module")
 def torchrun(workdir):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(workdir)] + [os.environ.get("PYTHONPATH", "")])}
+    logs = workdir / "torchrun_logs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "curvops", *_args("out_torchrun"), "--dist-timeout", "60"]
+           "--master-port", str(_free_port()), "--log-dir", str(logs), "--redirects", "3",
+           "-m", "curvops", *_args("out_torchrun"), "--dist-timeout", "60"]
     run = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=JOIN_TIMEOUT)
-    assert run.returncode == 0, run.stderr[-3000:]
+    # each rank's own stdout and stderr, which torchrun writes to <log-dir>/<run>/attempt_0/<rank>/
+    out = {(int(f.parent.name), f.stem): f.read_text() for f in logs.rglob("*.log") if f.parent.name.isdigit()}
+    if run.returncode != 0:
+        per_rank = "\n".join(f"--- rank {r} {name} ---\n{text[-3000:]}" for (r, name), text in sorted(out.items()) if text)
+        pytest.fail(f"torchrun exited {run.returncode}\n{run.stderr[-2000:]}\n{per_rank}")
+    run.rank_output = out
     return run, json.loads((workdir / "out_torchrun" / "summary.json").read_text())
 
 
@@ -192,7 +199,8 @@ def test_torchrun_report_equals_one_process(torchrun, one_process, path, keys, r
 
 def test_torchrun_report_records_ranks_and_skips(torchrun, one_process):
     run, summary = torchrun
-    assert run.stdout.count("curvops report: wrote") == 1  # rank 0 prints, rank 1 is silent
+    wrote = [run.rank_output.get((r, "stdout"), "").count("curvops report: wrote") for r in range(2)]
+    assert wrote == [1, 0]  # rank 0 prints, rank 1 is silent
     assert summary["distributed"]["world_size"] == 2 and summary["distributed"]["shard_sizes"] == [19, 18]
     assert summary["distributed"]["modes"] == {
         "all ranks (data-parallel)": ["overview", "eigenvalues", "hessian_matrix", "density", "trace", "rank",
