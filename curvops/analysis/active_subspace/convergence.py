@@ -14,7 +14,7 @@ from .eigenpairs import _decompose
 from .factors import _factor_for
 from .inputs import _check_common, _check_k, _covariance
 from .plan import DEFAULT_MEMORY_BUDGET, _choose
-from .prior import PriorGradientCovariance, _check_chunk, _parse_prior, default_chunk_size
+from .prior import PriorGradientCovariance, _check_chunk, _parse_prior
 from .prior_estimate import _prior_factor, _reject
 from .result import ActiveSubspaceConvergence, ActiveSubspaceResult, _gaps
 
@@ -108,11 +108,13 @@ def active_subspace_convergence(model_or_objective, loss=None, data=None, *, sam
                              f"{reference.k} eigenpairs of {reference.num_params} parameters"
                              f"{' without eigenvectors' if reference.eigenvectors is None else ''}.")
     item = torch.empty((), dtype=cov.torch_dtype).element_size()
-    if chunk_size is not None:
-        chunk = chunk_size
+    chunk_bytes = None
+    if prior is not None:
+        chunk = cov.resolve_chunk_size(memory_budget)
+        chunk_bytes = chunk * cov.workspace_per_draw()
     else:
-        chunk = default_chunk_size(P) if prior is not None else cov.default_chunk_size()
-    plan = _choose(method, int(memory_budget), k, N, P, item, chunk, 0, True, api)
+        chunk = cov.default_chunk_size() if chunk_size is None else chunk_size
+    plan = _choose(method, int(memory_budget), k, N, P, item, chunk, 0, True, api, chunk_bytes=chunk_bytes)
     timings: dict[str, float] = {}
     if prior is not None:
         factor, perm = _prior_factor(plan, cov, timings), torch.arange(N, device=w.device)

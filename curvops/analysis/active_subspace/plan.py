@@ -47,7 +47,7 @@ def _krylov_basis(k: int, n: int) -> int:
 
 
 def _candidates(k: int | None, N: int, P: int, item: int, chunk: int, bootstrap: int, vectors: bool,
-                gram_topk: bool = False):
+                gram_topk: bool = False, chunk_bytes: int | None = None):
     """Plans in order of preference, with their memory estimates (bytes).
 
     ``gram_topk``: the top-k may also come from C accumulated chunk by chunk (one pass, memory P²
@@ -58,7 +58,8 @@ def _candidates(k: int | None, N: int, P: int, item: int, chunk: int, bootstrap:
     r, big = min(N, P), max(N, P)
     chunk = min(chunk, N)
     G = N * P * item
-    grads = 3 * chunk * P * item  # one vmapped chunk and its workspace
+    # one vmapped chunk and its workspace: measured by the caller (the prior estimator), else 3 P-vectors a row
+    grads = 3 * chunk * P * item if chunk_bytes is None else int(chunk_bytes)
     eig = (4 if vectors else 2) * P * P * item
     snap, oper = [], []
     if k is None:
@@ -84,8 +85,8 @@ def _candidates(k: int | None, N: int, P: int, item: int, chunk: int, bootstrap:
 
 
 def _choose(method: str, budget: int, k, N, P, item, chunk, bootstrap, vectors, api: str,
-            gram_topk: bool = False) -> _Plan:
-    snap, oper = _candidates(k, N, P, item, chunk, bootstrap, vectors, gram_topk)
+            gram_topk: bool = False, chunk_bytes: int | None = None) -> _Plan:
+    snap, oper = _candidates(k, N, P, item, chunk, bootstrap, vectors, gram_topk, chunk_bytes)
     pool = {"auto": snap + oper, "snapshot": snap, "operator": oper}[method]
     for plan in pool:
         if plan.memory <= budget:

@@ -29,7 +29,7 @@ from ...objective import Objective
 from .factors import _add_gram, _DenseRows, _finish_gram
 from .inputs import _check_common, _check_k
 from .plan import _choose
-from .prior import PriorGradientCovariance, _check_chunk, _check_num_samples, _parse_prior, default_chunk_size
+from .prior import PriorGradientCovariance, _check_chunk, _check_num_samples, _parse_prior
 from .result import ActiveSubspaceResult
 from .summarize import _decompose_and_summarize
 
@@ -143,9 +143,10 @@ def _prior_active_subspace(model_or_objective, loss, data, *, prior, num_samples
     P = A.shape[0]
     _check_k(k, N, P, api)
     item = torch.empty((), dtype=A.torch_dtype).element_size()
-    chunk = default_chunk_size(P) if chunk_size is None else chunk_size
+    chunk = A.resolve_chunk_size(memory_budget)
     vectors = bool(return_eigenvectors) or bootstrap > 0
-    plan = _choose(method, int(memory_budget), k, N, P, item, chunk, bootstrap, vectors, api, gram_topk=True)
+    plan = _choose(method, int(memory_budget), k, N, P, item, chunk, bootstrap, vectors, api, gram_topk=True,
+                   chunk_bytes=chunk * A.workspace_per_draw())
 
     timings: dict[str, float] = {}
     factor = _prior_factor(plan, A, timings)
