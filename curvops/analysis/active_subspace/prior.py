@@ -223,7 +223,7 @@ def workspace_per_draw(obj: Objective) -> int:
     Three times what autograd saves for one draw's loss on the first batch (the activations the
     backward reads; counted with saved-tensor hooks on one plain forward, the model's buffers put
     back afterwards), plus three P-vectors (the draw, its gradient, the chunk's copy).  Calibrated
-    against the rise of the peak resident memory over one chunk (128–512 draws of 1–5146-point
+    against the rise of the peak resident memory over one chunk (128–512 draws of 100–5000-point
     batches of tanh MLPs with 1741–40 701 parameters): within −17 % … +3 %.
     """
     from ...operators._graph_cache import SavedBytes
