@@ -543,3 +543,27 @@ def test_workspace_estimate_matches_the_peak_memory_of_a_chunk():
     assert out.returncode == 0, out.stderr[-2000:]
     estimate, measured = map(int, out.stdout.split())
     assert measured > 0 and measured / 1.6 <= estimate <= 1.6 * measured, (estimate, measured)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_factor_from_row_blocks_equals_the_factor_from_one_tensor(center):
+    """The stored factor over the gradient pass's chunks (uneven blocks, never copied for the Gram
+    products) gives the same products as over one tensor; joined once, shared by reweighted copies."""
+    from curvops.analysis.active_subspace.factors import _DenseRows
+
+    gen = torch.Generator().manual_seed(7)
+    G = torch.randn(50, 9, generator=gen, dtype=D)
+    w = torch.rand(50, generator=gen, dtype=D) + 0.5
+    blocks = [G[:13].clone(), G[13:14].clone(), G[14:].clone()]
+    a, b = _DenseRows(G, w, center), _DenseRows(blocks, w, center)
+    X, U = torch.randn(9, 3, generator=gen, dtype=D), torch.randn(50, 3, generator=gen, dtype=D)
+    for rows in (4, 128):
+        torch.testing.assert_close(b.gram_matmat(X, rows=rows), a.gram_matmat(X), rtol=1e-13, atol=1e-14)
+        torch.testing.assert_close(b.gram_diagonal(rows=rows), a.gram_diagonal(), rtol=1e-13, atol=1e-14)
+    m = torch.rand(50, generator=gen, dtype=D)
+    ra, rb = a.reweight(m), b.reweight(m)
+    torch.testing.assert_close(rb.matmat(X), ra.matmat(X), rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(rb.rmatmat(U), ra.rmatmat(U), rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(rb.covariance(), ra.covariance(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(b.dense(), a.dense(), rtol=0, atol=0)
+    assert rb.G.data_ptr() == b.G.data_ptr() and torch.equal(b.G, G)  # joined once, shared

@@ -14,23 +14,66 @@ from ...operators.covariance import GradientCovariance
 from .plan import _Plan
 
 
-class _DenseRows:
-    """F = D (G − 1μᵀ) from per-sample gradients G held in memory (never copied for products)."""
+class _RowStore:
+    """Per-sample gradients as row blocks in order, joined into one tensor on first need (shared by
+    the reweighted copies of a factor, so it is joined at most once)."""
 
-    def __init__(self, G: Tensor, w: Tensor, center: bool, multipliers: Tensor | None = None):
-        self.G, self.w, self.center = G, w, center
+    def __init__(self, G: Tensor | list[Tensor]):
+        self.joined = G if isinstance(G, Tensor) else None
+        self.blocks = [G] if isinstance(G, Tensor) else list(G)
+        self.shape = (sum(int(b.shape[0]) for b in self.blocks), int(self.blocks[0].shape[1]))
+        self.dtype, self.device = self.blocks[0].dtype, self.blocks[0].device
+
+    def whole(self) -> Tensor:
+        """G as one tensor (each block released once copied: peak N·P plus one block)."""
+        if self.joined is None:
+            G = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            row = 0
+            for i in range(len(self.blocks)):
+                n = self.blocks[i].shape[0]
+                G[row:row + n] = self.blocks[i]
+                self.blocks[i] = G[row:row + n]
+                row += n
+            self.joined, self.blocks = G, [G]
+        return self.joined
+
+    def row_chunks(self, rows: int):
+        """``(first row, G rows)`` in chunks of at most ``rows`` rows, block by block."""
+        start = 0
+        for B in self.blocks:
+            for a in range(0, B.shape[0], rows):
+                yield start + a, B[a:a + rows]
+            start += B.shape[0]
+
+
+class _DenseRows:
+    """F = D (G − 1μᵀ) from per-sample gradients G held in memory (never copied for products).
+
+    ``G``: one ``[N, P]`` tensor, or a list of row blocks in order (the chunks of a gradient pass,
+    not copied into one tensor: the Gram products and diag(C) read the blocks as they are; products
+    that need G whole join them once, block by block).
+    """
+
+    def __init__(self, G: Tensor | list[Tensor] | _RowStore, w: Tensor, center: bool,
+                 multipliers: Tensor | None = None):
+        self._store = G if isinstance(G, _RowStore) else _RowStore(G)
+        self.w, self.center = w, center
         ww = w if multipliers is None else w * multipliers
         self.total = float(ww.sum())
         self.p = ww / self.total
         self.d = self.p.sqrt()
-        self.mu = (self.p @ G) if center else None
-        self.shape = tuple(G.shape)
-        self.dtype, self.device = G.dtype, G.device
+        self.shape = self._store.shape
+        self.dtype, self.device = self._store.dtype, self._store.device
+        self.mu = (self.p @ self.G) if center else None
         self.num_matvecs = 0
         self.num_passes = 0
 
+    @property
+    def G(self) -> Tensor:
+        return self._store.whole()
+
     def reweight(self, multipliers: Tensor) -> "_DenseRows":
-        return _DenseRows(self.G, self.w, self.center, multipliers)
+        return _DenseRows(self._store, self.w, self.center, multipliers)
 
     def matmat(self, V: Tensor) -> Tensor:  # [P, b] -> [N, b]
         self.num_matvecs += V.shape[1]
@@ -61,12 +104,11 @@ class _DenseRows:
         muX = (self.mu @ X) if self.mu is not None else None
         colsum = X.new_zeros(X.shape[1]) if self.mu is not None else None
         d2 = self.d.square()
-        for r0 in range(0, self.shape[0], rows):
-            Gc = self.G[r0:r0 + rows]
+        for r0, Gc in self._store.row_chunks(rows):
             Y = Gc @ X
             if muX is not None:
                 Y -= muX[None]
-            Y.mul_(d2[r0:r0 + rows, None])
+            Y.mul_(d2[r0:r0 + Gc.shape[0], None])
             out.addmm_(Gc.T, Y)
             if colsum is not None:
                 colsum += Y.sum(0)
@@ -78,8 +120,8 @@ class _DenseRows:
         """diag(FᵀF) = diag(C) in row chunks (no N×P temporary)."""
         out = torch.zeros(self.shape[1], dtype=self.dtype, device=self.device)
         d2 = self.d.square()
-        for r0 in range(0, self.shape[0], rows):
-            out.addmv_(self.G[r0:r0 + rows].square().T, d2[r0:r0 + rows])
+        for r0, Gc in self._store.row_chunks(rows):
+            out.addmv_(Gc.square().T, d2[r0:r0 + Gc.shape[0]])
         if self.mu is not None:
             out.sub_(self.mu.square()).clamp_min_(0)
         return out

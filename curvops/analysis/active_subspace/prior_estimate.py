@@ -162,7 +162,9 @@ def _prior_factor(plan, A: PriorGradientCovariance, timings: dict):
     every pass (``streamed``, ``matfree``); the seconds go to ``timings["gradients"]``."""
     start = time.perf_counter()
     if plan.path == "stored":
-        factor = _DenseRows(A.gradients(), torch.ones(A.num_samples, dtype=A.torch_dtype, device=A.device), False)
+        # the chunks as they come (no copy into one N×P tensor unless a product needs G whole)
+        factor = _DenseRows(list(A.gradient_chunks()), torch.ones(A.num_samples, dtype=A.torch_dtype, device=A.device),
+                            False)
         factor.num_passes = 1
     else:
         factor = _PriorPasses(A)
