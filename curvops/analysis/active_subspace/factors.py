@@ -256,7 +256,7 @@ def _add_gram(C: Tensor, A: Tensor) -> None:
         # row-major C is the column-major Cᵀ = C: syrk's lower triangle of (column-major) AᵀA is the
         # upper triangle of the row-major C; a row-major A [n, P] is the column-major Aᵀ [P, n]
         Cf = C.numpy().T
-        out = syrk(1.0, A.contiguous().numpy().T, beta=1.0, c=Cf, trans=0, lower=1, overwrite_c=1)
+        out = syrk(1.0, A.detach().contiguous().numpy().T, beta=1.0, c=Cf, trans=0, lower=1, overwrite_c=1)
         if out.ctypes.data != Cf.ctypes.data:  # pragma: no cover - f2py copied (it does not for an F-contiguous C)
             Cf[...] = out
         return
