@@ -147,6 +147,26 @@ def sum_over_ranks(group, run: Callable[[], tuple[Tensor, float]], like: Callabl
     return flat[:-1].reshape(acc.shape), total
 
 
+def max_over_ranks(group, measure: Callable[[], int], device: torch.device, api: str) -> int:
+    """The largest of ``measure()`` over the ranks (one all-reduce); a rank whose ``measure`` fails
+    still joins, then raises its error, and the others stop too."""
+    import torch.distributed as dist
+
+    error, value = None, -1
+    try:
+        value = int(measure())
+    except Exception as err:  # join the collective anyway, so that no rank waits forever
+        error = err
+    buf = torch.tensor([value, 0 if error is None else 1], dtype=torch.int64, device=_comm_device(group, device))
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
+    if error is not None:
+        raise error
+    if int(buf[1]):
+        raise RuntimeError(f"{api}: another rank failed while measuring (its own error says why); every rank "
+                           f"stops here.")
+    return int(buf[0])
+
+
 def broadcast_seed(group, device: torch.device) -> int:
     """A seed drawn on rank 0 (from its default generator) and broadcast: the same on every rank."""
     import torch.distributed as dist

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import curvops
 from curvops.analysis import active_subspace
 from curvops.analysis.active_subspace import PriorGradientCovariance
+from curvops.analysis.active_subspace.prior import workspace_per_draw
 from test_distributed import N, SPLIT, WORLD, _data, _model, spawn_ranks
 
 RTOL = 1e-9
@@ -90,6 +91,14 @@ def _worker(rank: int, port: int, outdir: str) -> None:
         result["data_covariance_eigsh"] = curvops.eigsh(cov, k=3, generator=0).eigenvalues
         result["prior_group"] = PriorGradientCovariance(_model(), "cross_entropy", data, num_samples=2, batch_size=5,
                                                         distributed=True).process_group is not None
+        # the chunk follows the measured workspace: the same on every rank (the largest), or the ranks would
+        # run different numbers of chunk passes; one batch per shard, 19 and 18 rows, measures differently
+        A = PriorGradientCovariance(_model(), "cross_entropy", data, num_samples=12, distributed=True)
+        budget = 6 * A.workspace_per_draw() - 2  # half of it holds 2 draws of the largest, ≥ 3 of a smaller one
+        result["prior_workspace"] = (workspace_per_draw(A.objective), A.workspace_per_draw(),
+                                     A.resolve_chunk_size(budget))
+        result["prior_tight"] = active_subspace(_model(), "cross_entropy", data, prior="standard_normal", num_samples=12,
+                                                k=2, memory_budget=budget, distributed=True).eigenvalues
     except Exception:  # noqa: BLE001 - reported through the file
         import traceback
 
@@ -139,6 +148,19 @@ def test_the_results_are_not_trivial(reference):
 
 def test_prior_covariance_carries_the_process_group(ranks):
     assert ranks[0]["prior_group"] and ranks[1]["prior_group"]
+
+
+def test_prior_chunk_is_the_same_on_every_rank(ranks):
+    """Measured locally the ranks' workspaces differ (19 vs 18 rows); the operator takes the largest, so
+    both run chunks of 2 draws under a budget where the smaller rank alone would have taken 3; the
+    estimate under that budget equals the one-process spectrum."""
+    (local0, used0, chunk0), (local1, used1, chunk1) = ranks[0]["prior_workspace"], ranks[1]["prior_workspace"]
+    assert local0 != local1 and used0 == used1 == max(local0, local1)
+    assert chunk0 == chunk1 == 2
+    X, y = _data()
+    ref = active_subspace(_model(), "cross_entropy", (X, y), prior="standard_normal", num_samples=12, k=2)
+    for r in range(WORLD):
+        torch.testing.assert_close(ranks[r]["prior_tight"], ref.eigenvalues, rtol=RTOL, atol=0)
 
 
 def test_data_active_subspace_is_refused_on_every_rank_and_the_operator_route_is_exact(ranks):

@@ -350,9 +350,17 @@ class PriorGradientCovariance(Operator):
         return self._auto_chunk
 
     def workspace_per_draw(self) -> int:
-        """Bytes one draw adds to a vmapped chunk (:func:`workspace_per_draw`, measured once)."""
+        """Bytes one draw adds to a vmapped chunk (:func:`workspace_per_draw`, measured once; with a
+        process group the largest over the ranks, so that every rank runs the same chunks — each
+        chunk's pass ends in one all-reduce)."""
         if self._per_draw is None:
-            self._per_draw = workspace_per_draw(self.objective)
+            if self.process_group is None:
+                self._per_draw = workspace_per_draw(self.objective)
+            else:
+                from ..._distributed import max_over_ranks
+
+                self._per_draw = max_over_ranks(self.process_group, lambda: workspace_per_draw(self.objective),
+                                                self.device, "PriorGradientCovariance")
         return self._per_draw
 
     def gradient_chunks(self) -> Iterator[Tensor]:
