@@ -242,6 +242,8 @@ def workspace_per_draw(obj: Objective) -> int:
         try:
             with SavedBytes(exclude) as saved:
                 obj.loss(obj.forward(theta, batch.x), batch.y, batch.index)
+        except Exception:  # noqa: BLE001 - a model a plain forward cannot run: the vectors alone (as before
+            return vectors  # the measurement); the gradient pass itself reports what is wrong
         finally:
             with torch.no_grad():
                 for b, value in buffers:
