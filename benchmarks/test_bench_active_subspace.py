@@ -59,7 +59,7 @@ def test_active_subspace(benchmark, setup, key):
 # ---- the matrix over a parameter prior (issue 13): ratios to the floor in the same session ----------------
 import bench_active_subspace_prior as BP  # noqa: E402
 
-PRIOR_ROWS = ["floor", "gradients", "top", "top.bounded", "values", "naive.values"]
+PRIOR_ROWS = ["floor", "floor.given", "gradients", "top", "top.bounded", "values", "naive.values"]
 
 
 @pytest.fixture(scope="module")
