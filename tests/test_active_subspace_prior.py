@@ -498,6 +498,15 @@ def test_chunk_size_follows_the_measured_workspace():
     torch.testing.assert_close(res.eigenvalues, ref.eigenvalues, rtol=1e-10, atol=0)
 
 
+def test_workspace_is_measured_on_the_largest_batch_held():
+    model, X, y = _tanh_mlp(16, 3, 600)
+    ws = {}
+    for name, data in {"largest last": [(X[:50], y[:50]), (X[50:], y[50:])], "alone": [(X[50:], y[50:])],
+                       "small alone": [(X[:50], y[:50])]}.items():
+        ws[name] = PriorGradientCovariance(model, "mse", data, num_samples=4).workspace_per_draw()
+    assert ws["largest last"] == ws["alone"] > 5 * ws["small alone"]
+
+
 def test_workspace_measurement_leaves_buffers_as_found():
     model = nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).to(D)
     model.train()

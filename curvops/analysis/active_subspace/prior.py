@@ -218,9 +218,10 @@ def default_chunk_size(P: int) -> int:
 
 
 def workspace_per_draw(obj: Objective) -> int:
-    """Bytes one draw adds to a vmapped chunk (an estimate, measured once on the first batch).
+    """Bytes one draw adds to a vmapped chunk (an estimate, measured once on one batch: the largest
+    of a list of batches held in memory, the first of a loader).
 
-    Three times what autograd saves for one draw's loss on the first batch (the activations the
+    Three times what autograd saves for one draw's loss on that batch (the activations the
     backward reads; counted with saved-tensor hooks on one plain forward, the model's buffers put
     back afterwards), plus three P-vectors (the draw, its gradient, the chunk's copy).  Calibrated
     against the rise of the peak resident memory over one chunk (128–512 draws of 100–5000-point
@@ -231,9 +232,13 @@ def workspace_per_draw(obj: Objective) -> int:
     item = torch.empty((), dtype=obj.dtype).element_size()
     vectors = 3 * obj.num_params * item
     with obj.session():
-        batch = next(iter(obj.batches()), None)
+        batches = iter(obj.batches())
+        batch = next(batches, None)
         if batch is None:  # an empty shard (distributed): nothing to run
             return vectors
+        if obj._fixed_data:  # batches held in memory: measure on the largest (a loader: on its first)
+            for b in batches:
+                batch = b if b.n > batch.n else batch
         buffers = [(b, b.detach().clone()) for b in obj.model.buffers()] if isinstance(obj.model, torch.nn.Module) \
             else []
         theta = [t.detach().clone().requires_grad_(True) for t in obj.theta()]
