@@ -31,7 +31,7 @@ from torch import Tensor
 from .._losses import kept_targets
 from ..objective import Batch
 from ._kfac_layers import LayerBlock, grad_rows, input_rows, with_bias_column
-from .fisher import _Likelihood
+from .fisher import _Likelihood, per_sample_loss_grads
 
 def factor_dtype(dtype: torch.dtype) -> torch.dtype:
     """Factors of bf16/fp16 models are accumulated and kept in float32 (eigh has no half precision, and a
@@ -104,13 +104,7 @@ def loss_columns(op, batch: Batch, out: Tensor) -> tuple[int, Callable[[int, int
             value = obj.loss(o, batch.y, batch.index)
             (E,) = torch.autograd.grad(value, o)
         if obj.reduction == "mean":
-            d = obj.sample_weights(batch)  # ∇ℓ_i = (d_b / d_i) E_i (see EmpiricalFisher)
-            if d is None:
-                E = batch.n * E
-            else:
-                d = d.to(device=E.device, dtype=E.dtype)
-                ratio = torch.where(d > 0, d.sum() / d.clamp(min=torch.finfo(E.dtype).tiny), 0.0)
-                E = ratio.reshape(-1, *([1] * (E.dim() - 1))) * E
+            E = per_sample_loss_grads(obj, batch, E)
         return 1, lambda s, e: E[None]
     lik: _Likelihood = op._likelihood
     o = out.detach()

@@ -20,6 +20,20 @@ def _per_sample_dot(E: Tensor, T: Tensor) -> Tensor:
     return s.reshape(*s.shape, *([1] * (T.dim() - 2)))
 
 
+
+def per_sample_loss_grads(obj: Objective, batch: Batch, E: Tensor) -> Tensor:
+    """∇ℓ_i w.r.t. the outputs from E = ∇(batch loss) of a 'mean' loss (one row per sample).
+
+    E_i = ∇S_i / d_b (S_i: sample i's summed loss terms, d_b = Σ_i d_i), so ∇ℓ_i = ∇S_i / d_i
+    = (d_b / d_i) E_i (0 for a sample whose targets are all ignored); n_b E_i when all d_i are equal.
+    """
+    d = obj.sample_weights(batch)
+    if d is None:
+        return batch.n * E
+    d = d.to(device=E.device, dtype=E.dtype)
+    ratio = torch.where(d > 0, d.sum() / d.clamp(min=torch.finfo(E.dtype).tiny), 0.0)
+    return ratio.reshape(-1, *([1] * (E.dim() - 1))) * E
+
 class _Likelihood:
     """The distribution p(y | f) whose negative log-likelihood is the per-sample 'sum' loss."""
 
@@ -216,14 +230,7 @@ class EmpiricalFisher(OutputSpaceOperator):
             value = obj.loss(o, batch.y, batch.index)
             (E,) = torch.autograd.grad(value, o)
         if obj.reduction == "mean":
-            # E_i = ∇S_i / d_b (S_i: sample i's summed loss terms, d_b = Σ_i d_i), so ∇ℓ_i = ∇S_i / d_i
-            # = (d_b / d_i) E_i; the batch term is (1/n'_b) Σ_i ∇ℓ_i ∇ℓ_iᵀ over the n'_b counted samples.
-            d = obj.sample_weights(batch)
-            if d is None:
-                G = batch.n * E
-            else:
-                d = d.to(device=E.device, dtype=E.dtype)
-                ratio = torch.where(d > 0, d.sum() / d.clamp(min=torch.finfo(E.dtype).tiny), 0.0)
-                G = ratio.reshape(-1, *([1] * (E.dim() - 1))) * E
+            # the batch term is (1/n'_b) Σ_i ∇ℓ_i ∇ℓ_iᵀ over the n'_b counted samples
+            G = per_sample_loss_grads(obj, batch, E)
             return G[None] * _per_sample_dot(G, JV) / self._batch_weight(batch)
         return E[None] * _per_sample_dot(E, JV)
