@@ -81,7 +81,8 @@ def _decompose(factor, algorithm: str, k: int | None, *, tol: float, generator, 
         gram = getattr(factor, "gram_matmat", None)
         if gram is not None and N >= P and k is not None and 2 * (k + _GRAM_BLOCK) <= P:
             return _gram_lanczos(gram, P, k, tol=tol, dtype=factor.dtype, device=factor.device,
-                                 generator=generator, v0=v0, diagonal=factor.gram_diagonal())
+                                 generator=generator, v0=v0,
+                                 diagonal=factor.gram_diagonal() if v0 is None else None)
         if N >= P:  # Krylov on the parameter side: A = F
             out = _block_krylov_svd(factor.matmat, factor.rmatmat, N, P, k, tol=tol, dtype=factor.dtype,
                                     device=factor.device, generator=generator, v0=v0)
