@@ -74,10 +74,15 @@ def _catch(fn) -> str:
     return "no error"
 
 
-def _worker(rank: int, port: int, outdir: str) -> None:
+def join_group(rank: int, port: int, world: int = WORLD) -> None:
+    """A spawned test worker joins the gloo group on 127.0.0.1:port (one torch thread, 60 s timeout)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+
+
+def _worker(rank: int, port: int, outdir: str) -> None:
+    join_group(rank, port)
     result: dict = {}
     try:
         X, y = _data()

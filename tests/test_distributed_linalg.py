@@ -15,7 +15,6 @@ well-conditioned problems below, 1e-9 relative to the result's scale bounds that
 
 from __future__ import annotations
 
-import datetime
 import os
 
 import pytest
@@ -26,7 +25,7 @@ import curvops
 from curvops.analysis import active_subspace
 from curvops.analysis.active_subspace import PriorGradientCovariance
 from curvops.analysis.active_subspace.prior import workspace_per_draw
-from test_distributed import N, SPLIT, WORLD, _data, _model, spawn_ranks
+from test_distributed import N, SPLIT, WORLD, _data, _model, join_group, spawn_ranks
 
 RTOL = 1e-9
 
@@ -71,9 +70,7 @@ def _unseeded(obj: curvops.Objective) -> dict:
 
 
 def _worker(rank: int, port: int, outdir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    join_group(rank, port)
     result: dict = {}
     try:
         X, y = _data()

@@ -493,13 +493,11 @@ def test_kron_factors_records_rebuild_the_operator():
 
 # ---- torch.distributed: 2 processes on gloo -----------------------------------------------------
 def _dist_worker(rank: int, port: int, outdir: str) -> None:
-    import datetime
-
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    from test_distributed import join_group
+
+    join_group(rank, port, world=2)
     result: dict = {}
     try:
         X, y = _dist_data()
