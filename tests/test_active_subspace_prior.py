@@ -576,3 +576,17 @@ def test_factor_from_row_blocks_equals_the_factor_from_one_tensor(center):
     torch.testing.assert_close(rb.covariance(), ra.covariance(), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(b.dense(), a.dense(), rtol=0, atol=0)
     assert rb.G.data_ptr() == b.G.data_ptr() and torch.equal(b.G, G)  # joined once, shared
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "autocast"])
+def test_prior_estimate_is_the_same_in_any_grad_context(context):
+    """The workspace measurement and the gradient pass run their own grad mode: under no_grad,
+    inference_mode or a bf16 autocast the estimate equals the plain call's, bit for bit."""
+    model, X, y = _problem()
+    kw = dict(prior="standard_normal", num_samples=300, k=3)
+    ref = active_subspace(model, "mse", (X, y), generator=torch.Generator().manual_seed(1), **kw)
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+           "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}[context]
+    with ctx():
+        res = active_subspace(model, "mse", (X, y), generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(res.eigenvalues, ref.eigenvalues) and torch.equal(res.eigenvectors, ref.eigenvectors)
